@@ -1,0 +1,195 @@
+"""Per-frame audio codes from a backbone hidden state (spec §5.3, §6).
+
+The semantic code is a greedy argmax of a linear head; the 36 acoustic codes come from a
+flow-matching transformer integrated with Euler steps and classifier-free guidance, then
+quantized to 21 FSQ levels. Checkpoint names (prefix ``acoustic_transformer.``) are the
+module names here, so no renaming is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+END_AUDIO = 1  # semantic code that ends generation
+EMPTY_AUDIO = 0
+CODE_OFFSET = 2  # emitted codes carry a +2 shift for the two special codes above
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class AcousticConfig:
+    dim: int = 3072
+    input_dim: int = 3072  # width of the backbone hidden fed to llm_projection
+    n_layers: int = 3
+    head_dim: int = 128
+    hidden_dim: int = 9216
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    norm_eps: float = 1e-5
+    semantic_codebook_size: int = 8192
+    acoustic_codebook_size: int = 21
+    n_acoustic_codebook: int = 36
+    n_decoding_steps: int = 7  # absent from params.json; the reference defaults to 7 (T31)
+    cfg_alpha: float = 1.2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AcousticConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def semantic_head_size(self) -> int:
+        # 8192 codes + 2 specials, padded to a multiple of 128 (8320); pad rows are live weights.
+        return _round_up(self.semantic_codebook_size + CODE_OFFSET, 128)
+
+
+class Attention(nn.Module):
+    """Bidirectional GQA over the 3-token sequence: no mask, no positions (T15)."""
+
+    def __init__(self, c: AcousticConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.scale = c.head_dim**-0.5
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        q = self.wq(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.wk(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.wv(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.wo(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: AcousticConfig):
+        super().__init__()
+        self.attention = Attention(c)
+        self.attention_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.feed_forward = FeedForward(c.dim, c.hidden_dim)
+        self.ffn_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class FlowMatchingHead(nn.Module):
+    def __init__(self, config: AcousticConfig):
+        super().__init__()
+        c = self.config = config
+        self.input_projection = nn.Linear(c.n_acoustic_codebook, c.dim, bias=False)
+        self.time_projection = nn.Linear(c.dim, c.dim, bias=False)
+        self.llm_projection = nn.Linear(c.input_dim, c.dim, bias=False)
+        self.semantic_codebook_output = nn.Linear(c.dim, c.semantic_head_size, bias=False)
+        self.acoustic_codebook_output = nn.Linear(c.dim, c.n_acoustic_codebook, bias=False)
+        self.layers = [Block(c) for _ in range(c.n_layers)]
+        self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        # Not in the checkpoint (T14): frequencies for cat(cos, sin) time embedding, θ = 10000.
+        half = c.dim // 2
+        self._inv_freq = mx.exp(-math.log(10000.0) * mx.arange(half, dtype=mx.float32) / half)
+        self._time_tokens: dict[int, tuple] = {}
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """Activation dtype of the transformer (norm weights are never quantized)."""
+        return self.norm.weight.dtype
+
+    # ---- semantic code -------------------------------------------------------------------
+    def semantic_logits(self, h: mx.array) -> mx.array:
+        """Masked float32 logits (B, semantic_head_size); argmax is the semantic code."""
+        # Kept float32 and never quantized: argmax over 8194 close logits flips in bf16 (T9).
+        logits = self.semantic_codebook_output(h.astype(mx.float32))
+        # EMPTY_AUDIO (0) and the padding rows past 2 + codebook size can never be emitted (T11).
+        idx = mx.arange(logits.shape[-1])
+        valid = (idx != EMPTY_AUDIO) & (idx < self.config.semantic_codebook_size + CODE_OFFSET)
+        return mx.where(valid, logits, -mx.inf)
+
+    # ---- flow matching -------------------------------------------------------------------
+    def time_embedding(self, t: mx.array) -> mx.array:
+        """(N,) flow times in [0, 1] → (N, dim): cos first, then sin (T14)."""
+        a = t.astype(mx.float32)[:, None] * self._inv_freq[None]
+        return mx.concatenate([mx.cos(a), mx.sin(a)], axis=-1)
+
+    def velocity(self, x: mx.array, time_tokens: mx.array, llm_tokens: mx.array) -> mx.array:
+        """One transformer pass. x (B, 36), time_tokens/llm_tokens (B, dim) already projected."""
+        seq = mx.stack([self.input_projection(x.astype(self.dtype)), time_tokens, llm_tokens], axis=1)
+        for layer in self.layers:
+            seq = layer(seq)
+        # The velocity is read at position 0, the x_t token (T16).
+        return self.acoustic_codebook_output(self.norm(seq[:, 0])).astype(mx.float32)
+
+    def _schedule(self, steps: int):
+        """Time points, step sizes and projected time tokens for ``steps`` Euler steps.
+
+        Computed once per step count and reused for every frame; recomputed only if the
+        time projection's weights are replaced (e.g. after loading or quantizing).
+        """
+        cached = self._time_tokens.get(steps)
+        if cached is None or cached[0] is not self.time_projection.weight:
+            t = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
+            dts = [float(d) for d in np.diff(t)]
+            emb = self.time_embedding(mx.array(t[:-1]))
+            tokens = self.time_projection(emb.astype(self.dtype))
+            mx.eval(tokens)
+            cached = (self.time_projection.weight, dts, tokens)
+            self._time_tokens[steps] = cached
+        return cached[1], cached[2]
+
+    def sample_acoustic(
+        self, h: mx.array, x0: mx.array, steps: int, cfg_alpha: float
+    ) -> mx.array:
+        """Integrate the flow from noise ``x0`` (B, 36) to the data end; returns x (B, 36) fp32."""
+        dts, time_tokens = self._schedule(steps)
+        B = h.shape[0]
+        cond = self.llm_projection(h.astype(self.dtype))
+        # Unconditional branch: the backbone hidden is zeroed before the bias-free projection,
+        # so its token is exactly zero; both branches go through the transformer as one batch.
+        llm_tokens = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
+        x = x0.astype(mx.float32)
+        for i, dt in enumerate(dts):
+            tt = mx.broadcast_to(time_tokens[i], (2 * B, time_tokens.shape[-1]))
+            v = self.velocity(mx.concatenate([x, x], axis=0), tt, llm_tokens)
+            v = cfg_alpha * v[:B] + (1.0 - cfg_alpha) * v[B:]
+            x = x + v * dt
+        return x
+
+    def quantize_levels(self, x: mx.array) -> mx.array:
+        """FSQ: continuous x → integer levels 0..20 (before the +2 offset)."""
+        levels = self.config.acoustic_codebook_size - 1
+        return mx.round((mx.clip(x, -1.0, 1.0) + 1.0) / 2.0 * levels).astype(mx.int32)
+
+    def __call__(
+        self, h: mx.array, x0: mx.array, steps: int | None = None, cfg_alpha: float | None = None
+    ) -> mx.array:
+        """Codes for one frame: h (B, dim), x0 (B, 36) → (B, 37) int32 with the +2 offset."""
+        c = self.config
+        steps = c.n_decoding_steps if steps is None else steps
+        cfg_alpha = c.cfg_alpha if cfg_alpha is None else cfg_alpha
+        semantic = mx.argmax(self.semantic_logits(h), axis=-1).astype(mx.int32)
+        acoustic = self.quantize_levels(self.sample_acoustic(h, x0, steps, cfg_alpha)) + CODE_OFFSET
+        # An END_AUDIO frame carries EMPTY_AUDIO acoustic codes (it is never decoded or fed back).
+        acoustic = mx.where((semantic == END_AUDIO)[:, None], EMPTY_AUDIO + CODE_OFFSET, acoustic)
+        return mx.concatenate([semantic[:, None], acoustic], axis=-1)

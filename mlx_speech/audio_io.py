@@ -1,0 +1,183 @@
+"""Write mono float audio to wav/flac/ogg(/mp3) files, atomically.
+
+Audio is written to a hidden temporary file next to the target and moved into place
+with ``os.replace`` only once complete, so an error or interruption never leaves a
+half-written file under the requested name.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import soundfile as sf
+
+# Extension -> (libsndfile format, subtype). PCM_16 for wav/flac: what players expect.
+_FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+}
+# MP3 writing exists only in libsndfile >= 1.1 builds with LAME; offer it only then.
+if "MP3" in sf.available_formats():
+    _FORMATS[".mp3"] = ("MP3", "MPEG_LAYER_III")
+
+
+def supported_extensions() -> list[str]:
+    """File extensions :func:`write_audio` accepts with this libsndfile build."""
+    return sorted(_FORMATS)
+
+
+def _resolve(path: str | os.PathLike) -> tuple[str, str, str]:
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _FORMATS:
+        raise ValueError(
+            f"Unsupported audio file extension {ext or '(none)'!r} in {path}; "
+            f"use one of {supported_extensions()}"
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"Output folder {parent} does not exist")
+    fmt, subtype = _FORMATS[ext]
+    return path, fmt, subtype
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Raise before any work if ``path`` cannot be written: bad extension, no folder, no permission."""
+    _resolve(path)
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"Output folder {parent} is not writable")
+
+
+def _check_sample_rate(sample_rate: int) -> int:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    return int(sample_rate)
+
+
+def _as_mono(audio, what: str = "audio") -> np.ndarray:
+    samples = np.asarray(audio, dtype=np.float32)
+    if samples.ndim == 2 and samples.shape[1] == 1:
+        samples = samples[:, 0]
+    if samples.ndim != 1:
+        raise ValueError(f"{what} must be mono with shape (samples,), got shape {samples.shape}")
+    if not np.all(np.isfinite(samples)):
+        raise ValueError(f"{what} contains NaN or infinite samples")
+    # libsndfile does not clip float -> PCM by default; out-of-range samples would wrap around.
+    return np.clip(samples, -1.0, 1.0)
+
+
+def _temp_path(path: str) -> str:
+    # Same folder so os.replace is an atomic rename, never a cross-device copy.
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.part")
+    # os.open with 0o666 applies the umask, unlike mkstemp's 0o600 which the final file would keep.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return tmp
+
+
+class AudioFileWriter:
+    """Incrementally write a mono audio file, e.g. while streaming generation.
+
+    Chunks go to a temporary file in the target folder; :meth:`close` finalizes it
+    under ``path``, :meth:`abort` deletes it. Used as a context manager, a clean exit
+    closes; an exception aborts (nothing is left behind) unless ``keep_partial=True``,
+    in which case the audio written so far is finalized.
+
+    Args:
+        path: Output file; the format follows the extension (see :func:`supported_extensions`).
+        sample_rate: Samples per second, e.g. 24000.
+        keep_partial: On an exception inside ``with``, keep what was written.
+
+    Raises:
+        ValueError: Unsupported extension or invalid sample rate.
+        FileNotFoundError: The output folder does not exist.
+    """
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int, keep_partial: bool = False):
+        self.path, fmt, subtype = _resolve(path)
+        self.sample_rate = _check_sample_rate(sample_rate)
+        self.keep_partial = keep_partial
+        self.frames_written = 0
+        self._tmp = _temp_path(self.path)
+        try:
+            self._file = sf.SoundFile(self._tmp, "w", self.sample_rate, 1, subtype=subtype, format=fmt)
+        except BaseException:
+            os.remove(self._tmp)
+            raise
+        self._done = False
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` or :meth:`abort` has run."""
+        return self._done
+
+    def write(self, chunk) -> None:
+        """Append a mono float chunk (shape ``(samples,)``, nominal range [-1, 1])."""
+        if self._done:
+            raise ValueError(f"AudioFileWriter for {self.path} is already closed")
+        samples = _as_mono(chunk, "chunk")
+        self._file.write(samples)
+        self.frames_written += samples.shape[0]
+
+    def close(self) -> None:
+        """Finish the file and move it to ``path``. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            _remove_quietly(self._tmp)
+            raise
+
+    def abort(self) -> None:
+        """Discard everything written; ``path`` is left untouched. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._file.close()
+        finally:
+            _remove_quietly(self._tmp)
+
+    def __enter__(self) -> "AudioFileWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None or self.keep_partial:
+            self.close()
+        else:
+            self.abort()
+
+
+def _remove_quietly(path: str) -> None:
+    # Cleanup after a failure: the original error matters, a vanished temp file does not.
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_audio(path: str | os.PathLike, audio, sample_rate: int) -> None:
+    """Write mono float audio to ``path``; the format follows the extension.
+
+    Samples are clipped to [-1, 1]. The file appears under ``path`` only when fully
+    written (an existing file is replaced atomically).
+
+    Args:
+        path: ``.wav``, ``.flac``, ``.ogg`` (Vorbis) or, if libsndfile supports it, ``.mp3``.
+        audio: 1-D float array (``np.ndarray`` or ``mx.array``), shape ``(samples,)``.
+        sample_rate: Samples per second, e.g. 24000.
+
+    Raises:
+        ValueError: Unsupported extension, non-mono or non-finite audio, bad sample rate.
+        FileNotFoundError: The output folder does not exist.
+    """
+    samples = _as_mono(audio)
+    with AudioFileWriter(path, sample_rate) as writer:
+        writer.write(samples)

@@ -1,0 +1,221 @@
+"""Text → speech: the generation loop and its streaming and one-shot forms.
+
+Generators all the way up: ``generate_step`` yields one frame of codes at a time,
+``stream_generate`` turns frames into audio chunks (``GenerationResponse``), ``generate``
+drains it into one ``GenerationResult``. The command line (``python -m mlx_speech.generate``,
+in generate.py) is a thin layer over these; the two modules have different names so that the
+package attribute ``mlx_speech.generate`` is always this module's function.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .acoustic import END_AUDIO
+from .model import Model
+
+DEFAULT_VOICE = "neutral_female"
+DEFAULT_MAX_FRAMES = 2048  # 163.8 s of audio, the reference server's limit
+DEFAULT_CFG_ALPHA = 1.2
+DEFAULT_FLOW_STEPS = 7
+DEFAULT_FIRST_CHUNK_FRAMES = 2  # small first chunk: audio starts after two frames
+DEFAULT_CHUNK_FRAMES = 10
+
+
+@dataclass
+class GenerationResponse:
+    """One chunk of streamed speech.
+
+    Attributes:
+        audio: float32 mono samples of this chunk (may be empty on the final response).
+        sample_rate: samples per second (24000).
+        codes: (n, 37) int codes of this chunk's frames, with the +2 offset.
+        frames: frames generated so far (80 ms each).
+        audio_seconds: seconds of audio generated so far.
+        elapsed: wall seconds since the request started.
+        real_time_factor: audio seconds per wall second so far (> 1 is faster than real time).
+        peak_memory: peak memory so far, in GB.
+        finish_reason: None while generating; on the last response "stop" (the model ended
+            the utterance) or "length" (``max_frames`` reached).
+    """
+
+    audio: np.ndarray
+    sample_rate: int
+    codes: np.ndarray
+    frames: int
+    audio_seconds: float
+    elapsed: float
+    real_time_factor: float
+    peak_memory: float
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A whole utterance: ``codes`` (frames, 37) with the +2 offset (END frame excluded),
+    ``audio`` float32 with 1920 samples per frame, and the run's figures."""
+
+    codes: np.ndarray
+    audio: np.ndarray
+    sample_rate: int
+    finish_reason: str
+    frames: int
+    audio_seconds: float
+    elapsed: float
+    real_time_factor: float
+    peak_memory: float
+
+
+def generate_step(
+    model: Model,
+    prompt_embeddings: mx.array,
+    *,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    seed: int | None = None,
+    noise: mx.array | None = None,
+    cfg_alpha: float = DEFAULT_CFG_ALPHA,
+    flow_steps: int = DEFAULT_FLOW_STEPS,
+) -> Iterator[mx.array]:
+    """Yield the codes (37,) of each frame until [END_AUDIO] or ``max_frames``.
+
+    Args:
+        model: the loaded model.
+        prompt_embeddings: (L, dim) prompt embeddings with the voice rows in place.
+        max_frames: upper bound on frames (80 ms each).
+        seed: seeds the flow-matching noise; each frame draws from its own split of the key.
+        noise: optional (≥ max_frames, 36) array used as x₀ for each frame in order
+            (replaces the seeded noise; for tests against reference outputs).
+        cfg_alpha: classifier-free guidance strength (1.0 = conditional only).
+        flow_steps: Euler steps of the flow-matching solve.
+
+    Yields:
+        mx.array (37,) int32 codes with the +2 offset. The [END_AUDIO] frame is not yielded.
+    """
+    n_acoustic = model.config.acoustic.n_acoustic_codebook
+    if noise is not None and (noise.ndim != 2 or noise.shape[0] < max_frames or noise.shape[1] != n_acoustic):
+        raise ValueError(
+            f"noise must have shape (>= max_frames={max_frames}, {n_acoustic}); got {tuple(noise.shape)}"
+        )
+    key = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
+    cache = model.make_cache()
+    # Frame 0 comes straight from the prefill's last hidden state (no extra [AUDIO] step, T1).
+    h = model(prompt_embeddings[None], cache)[:, -1]
+    for i in range(max_frames):
+        if noise is not None:
+            x0 = noise[i : i + 1]
+        else:
+            key, sub = mx.random.split(key)
+            x0 = mx.random.normal((1, n_acoustic), key=sub)
+        codes = model.acoustic_transformer(h, x0, flow_steps, cfg_alpha)  # (1, 37)
+        if codes[0, 0].item() == END_AUDIO:  # the one host sync per frame
+            return
+        if i + 1 < max_frames:
+            # Queue the next backbone step before handing the frame out, so it runs while the
+            # caller decodes or plays this one.
+            h = model(model.audio_code_embeddings(codes)[:, None], cache)[:, -1]
+            mx.async_eval(h)
+        yield codes[0]
+
+
+def _check_request(model: Model, text: str, voice: str, max_frames: int, flow_steps: int) -> list[int]:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty; give some text to speak")
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    if flow_steps < 1:
+        raise ValueError(f"flow_steps must be at least 1, got {flow_steps}")
+    model.voice(voice)  # unknown voice → ValueError listing the valid ones
+    ids = model.tokenizer.encode_speech(text, voice)
+    context = model.config.max_seq_len
+    if len(ids) + max_frames > context:
+        raise ValueError(
+            f"text too long: its prompt is {len(ids)} tokens and max_frames is {max_frames}, "
+            f"over the model's context of {context} positions; shorten the text or lower max_frames"
+        )
+    return ids
+
+
+def stream_generate(
+    model: Model,
+    text: str,
+    voice: str = DEFAULT_VOICE,
+    *,
+    seed: int | None = None,
+    noise: mx.array | None = None,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    cfg_alpha: float = DEFAULT_CFG_ALPHA,
+    flow_steps: int = DEFAULT_FLOW_STEPS,
+    first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+) -> Iterator[GenerationResponse]:
+    """Speak ``text`` and yield audio chunks as soon as frames exist.
+
+    Args:
+        model: a model from ``mlx_speech.load``.
+        text: what to say (no normalization is applied).
+        voice: a preset voice name (``model.voices``).
+        seed, noise, max_frames, cfg_alpha, flow_steps: see ``generate_step``.
+        first_chunk_frames: frames in the first chunk (small, for a fast first sound).
+        chunk_frames: frames in each later chunk.
+
+    Yields:
+        ``GenerationResponse`` per chunk; the last one has ``finish_reason`` set. The codec
+        keeps its streaming state between chunks, so the concatenated chunks equal the
+        one-shot decode of all frames.
+    """
+    if first_chunk_frames < 1 or chunk_frames < 1:
+        raise ValueError(f"chunk sizes must be at least 1, got {first_chunk_frames} and {chunk_frames}")
+    start = time.perf_counter()
+    ids = _check_request(model, text, voice, max_frames, flow_steps)
+    embeddings = model.prompt_embeddings(mx.array(ids), model.voice(voice))
+    codec_cache = model.audio_tokenizer.make_cache()
+    sr, spf = model.config.sample_rate, model.config.samples_per_frame
+    frames, pending = 0, []
+
+    def respond(finish_reason: str | None) -> GenerationResponse:
+        if pending:
+            codes = mx.stack(pending)
+            audio = model.audio_tokenizer.decode(codes[None], cache=codec_cache)[0]
+            mx.eval(audio, codec_cache.state)  # keep the streaming state from growing a graph
+            codes, audio = np.array(codes), np.array(audio)
+        else:
+            codes = np.zeros((0, model.config.n_codebooks), np.int32)
+            audio = np.zeros((0,), np.float32)
+        pending.clear()
+        elapsed = time.perf_counter() - start
+        seconds = frames * spf / sr
+        return GenerationResponse(
+            audio=audio, sample_rate=sr, codes=codes, frames=frames, audio_seconds=seconds,
+            elapsed=elapsed, real_time_factor=seconds / elapsed if elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason,
+        )
+
+    steps = generate_step(model, embeddings, max_frames=max_frames, seed=seed, noise=noise,
+                          cfg_alpha=cfg_alpha, flow_steps=flow_steps)
+    for codes in steps:
+        pending.append(codes)
+        frames += 1
+        if frames == max_frames:
+            break
+        if len(pending) >= (first_chunk_frames if frames == len(pending) else chunk_frames):
+            yield respond(None)
+    yield respond("length" if frames == max_frames else "stop")
+
+
+def generate(model: Model, text: str, voice: str = DEFAULT_VOICE, **kwargs) -> GenerationResult:
+    """Speak ``text`` in one go. Takes the keyword arguments of ``stream_generate``."""
+    codes, audio, last = [], [], None
+    for last in stream_generate(model, text, voice, **kwargs):
+        codes.append(last.codes)
+        audio.append(last.audio)
+    return GenerationResult(
+        codes=np.concatenate(codes), audio=np.concatenate(audio), sample_rate=last.sample_rate,
+        finish_reason=last.finish_reason, frames=last.frames, audio_seconds=last.audio_seconds,
+        elapsed=last.elapsed, real_time_factor=last.real_time_factor, peak_memory=last.peak_memory,
+    )
+

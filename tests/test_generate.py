@@ -1,0 +1,101 @@
+"""The generation API on the golden tiny model: options change behaviour, streaming == one-shot."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import TINY
+
+from mlx_speech import generate, load, stream_generate
+
+TEXT = "Hello world, this is a test."
+VOICE = "casual_male"
+
+
+def test_same_seed_same_speech_other_seed_other_speech(model):
+    a = generate(model, TEXT, VOICE, seed=7, max_frames=6)
+    b = generate(model, TEXT, VOICE, seed=7, max_frames=6)
+    c = generate(model, TEXT, VOICE, seed=8, max_frames=6)
+    assert np.array_equal(a.codes, b.codes) and np.array_equal(a.audio, b.audio)
+    assert not np.array_equal(a.codes[:, 1:], c.codes[:, 1:])
+
+
+def test_noise_rows_are_used_in_order(model):
+    noise = mx.random.normal((4, 36), key=mx.random.key(3))
+    whole = generate(model, TEXT, VOICE, noise=noise, max_frames=4)
+    # A frame's acoustic codes depend on its own noise row: changing row 2 changes frame 2 on.
+    changed = mx.concatenate([noise[:2], -noise[2:3], noise[3:]])
+    other = generate(model, TEXT, VOICE, noise=changed, max_frames=4)
+    assert np.array_equal(whole.codes[:2], other.codes[:2])
+    assert not np.array_equal(whole.codes[2, 1:], other.codes[2, 1:])
+
+
+@pytest.mark.parametrize("option", [{"cfg_alpha": 1.0}, {"cfg_alpha": 2.5}, {"flow_steps": 3}])
+def test_flow_options_change_the_output(model, option):
+    base = generate(model, TEXT, VOICE, seed=11, max_frames=5)
+    changed = generate(model, TEXT, VOICE, seed=11, max_frames=5, **option)
+    assert not np.array_equal(base.codes[:, 1:], changed.codes[:, 1:])
+
+
+def test_cfg_alpha_one_is_the_conditional_solve(model):
+    """α = 1 must equal integrating the conditional velocity alone (spec §13.10)."""
+    head = model.acoustic_transformer
+    h = mx.random.normal((2, model.config.backbone.dim), key=mx.random.key(1))
+    x0 = mx.random.normal((2, 36), key=mx.random.key(2))
+    dts, time_tokens = head._schedule(7)
+    cond, x = head.llm_projection(h), x0
+    for k, dt in enumerate(dts):
+        x = x + head.velocity(x, mx.broadcast_to(time_tokens[k], cond.shape), cond) * dt
+    np.testing.assert_allclose(np.array(head.sample_acoustic(h, x0, 7, 1.0)), np.array(x), atol=1e-5)
+
+
+def test_max_frames_ends_with_length(model):
+    result = generate(model, TEXT, VOICE, seed=5, max_frames=3)
+    assert result.finish_reason == "length"
+    assert result.codes.shape == (3, 37)
+    assert result.audio.shape == (3 * 1920,)
+    assert result.frames == 3 and result.audio_seconds == pytest.approx(0.24)
+
+
+@pytest.mark.parametrize("first,chunk", [(1, 1), (2, 3), (1, 10)])
+def test_streamed_chunks_equal_one_shot(model, first, chunk):
+    whole = generate(model, TEXT, VOICE, seed=3, max_frames=9)
+    chunks = list(stream_generate(model, TEXT, VOICE, seed=3, max_frames=9,
+                                  first_chunk_frames=first, chunk_frames=chunk))
+    sizes = [len(c.codes) for c in chunks]
+    assert sizes[0] == min(first, 9) and sum(sizes) == 9
+    assert all(s <= max(first, chunk) for s in sizes)
+    assert [c.frames for c in chunks] == list(np.cumsum(sizes))
+    np.testing.assert_array_equal(np.concatenate([c.codes for c in chunks]), whole.codes)
+    np.testing.assert_allclose(np.concatenate([c.audio for c in chunks]), whole.audio, atol=1e-5)
+
+
+def test_request_errors_name_the_value(model):
+    with pytest.raises(ValueError, match="unknown voice 'nobody'.*casual_male, neutral_female"):
+        generate(model, TEXT, "nobody")
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, "   \n", VOICE)
+    with pytest.raises(ValueError, match="text too long.*context of 65536"):
+        generate(model, TEXT, VOICE, max_frames=65536)
+    with pytest.raises(ValueError, match=r"noise must have shape \(>= max_frames=5, 36\); got \(3, 36\)"):
+        generate(model, TEXT, VOICE, noise=mx.zeros((3, 36)), max_frames=5)
+
+
+def test_load_converts_an_original_release_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_SPEECH_CACHE", str(tmp_path))
+    model = load(TINY)
+    converted = list((tmp_path / "converted").iterdir())
+    assert len(converted) == 1 and (converted[0] / "config.json").is_file()
+    stamp = os.stat(converted[0] / "model.safetensors").st_mtime_ns
+    again = load(TINY)
+    assert os.stat(converted[0] / "model.safetensors").st_mtime_ns == stamp  # reused, not redone
+    assert again.voices == model.voices == ["casual_male", "neutral_female"]
+    assert model.tokenizer.encode_speech("Hello.", VOICE)[:2] == [1, 25]
+
+
+def test_load_rejects_a_folder_without_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an MLX model"):
+        load(tmp_path)
