@@ -9,6 +9,7 @@ module names here, so no renaming is needed.
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
@@ -111,6 +112,7 @@ class FlowMatchingHead(nn.Module):
         half = c.dim // 2
         self._inv_freq = mx.exp(-math.log(10000.0) * mx.arange(half, dtype=mx.float32) / half)
         self._time_tokens: dict[int, tuple] = {}
+        self._compiled: dict[int, object] = {}
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -163,6 +165,9 @@ class FlowMatchingHead(nn.Module):
     ) -> mx.array:
         """Integrate the flow from noise ``x0`` (B, 36) to the data end; returns x (B, 36) fp32."""
         dts, time_tokens = self._schedule(steps)
+        return self._solve(h, x0, mx.array(cfg_alpha, mx.float32), time_tokens, dts)
+
+    def _solve(self, h, x0, cfg_alpha, time_tokens, dts):
         B = h.shape[0]
         cond = self.llm_projection(h.astype(self.dtype))
         # Unconditional branch: the backbone hidden is zeroed before the bias-free projection,
@@ -181,15 +186,27 @@ class FlowMatchingHead(nn.Module):
         levels = self.config.acoustic_codebook_size - 1
         return mx.round((mx.clip(x, -1.0, 1.0) + 1.0) / 2.0 * levels).astype(mx.int32)
 
-    def __call__(
-        self, h: mx.array, x0: mx.array, steps: int | None = None, cfg_alpha: float | None = None
-    ) -> mx.array:
-        """Codes for one frame: h (B, dim), x0 (B, 36) → (B, 37) int32 with the +2 offset."""
-        c = self.config
-        steps = c.n_decoding_steps if steps is None else steps
-        cfg_alpha = c.cfg_alpha if cfg_alpha is None else cfg_alpha
+    def _frame(self, h, x0, cfg_alpha, time_tokens, dts):
         semantic = mx.argmax(self.semantic_logits(h), axis=-1).astype(mx.int32)
-        acoustic = self.quantize_levels(self.sample_acoustic(h, x0, steps, cfg_alpha)) + CODE_OFFSET
+        acoustic = self.quantize_levels(self._solve(h, x0, cfg_alpha, time_tokens, dts)) + CODE_OFFSET
         # An END_AUDIO frame carries EMPTY_AUDIO acoustic codes (it is never decoded or fed back).
         acoustic = mx.where((semantic == END_AUDIO)[:, None], EMPTY_AUDIO + CODE_OFFSET, acoustic)
         return mx.concatenate([semantic[:, None], acoustic], axis=-1)
+
+    def __call__(
+        self, h: mx.array, x0: mx.array, steps: int | None = None, cfg_alpha: float | None = None
+    ) -> mx.array:
+        """Codes for one frame: h (B, dim), x0 (B, 36) → (B, 37) int32 with the +2 offset.
+
+        The whole frame (semantic head, every Euler step with batched CFG, FSQ) is one compiled
+        graph per step count: the weights are implicit inputs, so reloading them is seen.
+        """
+        c = self.config
+        steps = c.n_decoding_steps if steps is None else steps
+        cfg_alpha = c.cfg_alpha if cfg_alpha is None else cfg_alpha
+        dts, time_tokens = self._schedule(steps)
+        fn = self._compiled.get(steps)
+        if fn is None:
+            fn = mx.compile(partial(self._frame, dts=tuple(dts)), inputs=self.state)
+            self._compiled[steps] = fn
+        return fn(h, x0, mx.array(cfg_alpha, mx.float32), time_tokens)
