@@ -23,7 +23,7 @@ DEFAULT_VOICE = "neutral_female"
 DEFAULT_MAX_FRAMES = 2048  # 163.8 s of audio, the reference server's limit
 DEFAULT_CFG_ALPHA = 1.2
 DEFAULT_FLOW_STEPS = 7
-DEFAULT_FIRST_CHUNK_FRAMES = 2  # small first chunk: audio starts after two frames
+DEFAULT_FIRST_CHUNK_FRAMES = 1  # audio starts after the first frame (time to first audio)
 DEFAULT_CHUNK_FRAMES = 10
 
 
@@ -75,6 +75,7 @@ def generate_step(
     model: Model,
     prompt_embeddings: mx.array,
     *,
+    cache: list | None = None,
     max_frames: int = DEFAULT_MAX_FRAMES,
     seed: int | None = None,
     noise: mx.array | None = None,
@@ -86,6 +87,8 @@ def generate_step(
     Args:
         model: the loaded model.
         prompt_embeddings: (L, dim) prompt embeddings with the voice rows in place.
+        cache: a backbone KV cache already holding the first ``cache[0].offset`` prompt
+            positions (a voice prefix); only the rest is prefilled. None starts empty.
         max_frames: upper bound on frames (80 ms each).
         seed: seeds the flow-matching noise; each frame draws from its own split of the key.
         noise: optional (≥ max_frames, 36) array used as x₀ for each frame in order
@@ -102,9 +105,13 @@ def generate_step(
             f"noise must have shape (>= max_frames={max_frames}, {n_acoustic}); got {tuple(noise.shape)}"
         )
     key = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
-    cache = model.make_cache()
+    if cache is None:
+        cache = model.make_cache()
+    done = cache[0].offset
+    if done >= prompt_embeddings.shape[0]:
+        raise ValueError(f"the cache already holds {done} positions; the prompt has {prompt_embeddings.shape[0]}")
     # Frame 0 comes straight from the prefill's last hidden state (no extra [AUDIO] step, T1).
-    h = model(prompt_embeddings[None], cache)[:, -1]
+    h = model(prompt_embeddings[None, done:], cache)[:, -1]
     for i in range(max_frames):
         if noise is not None:
             x0 = noise[i : i + 1]
@@ -152,6 +159,7 @@ def stream_generate(
     flow_steps: int = DEFAULT_FLOW_STEPS,
     first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
     chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+    use_voice_cache: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Speak ``text`` and yield audio chunks as soon as frames exist.
 
@@ -162,6 +170,8 @@ def stream_generate(
         seed, noise, max_frames, cfg_alpha, flow_steps: see ``generate_step``.
         first_chunk_frames: frames in the first chunk (small, for a fast first sound).
         chunk_frames: frames in each later chunk.
+        use_voice_cache: start from the voice's cached prompt-prefix KV state
+            (``model.voice_cache``), computing it on the voice's first use.
 
     Yields:
         ``GenerationResponse`` per chunk; the last one has ``finish_reason`` set. The codec
@@ -173,6 +183,7 @@ def stream_generate(
     start = time.perf_counter()
     ids = _check_request(model, text, voice, max_frames, flow_steps)
     embeddings = model.prompt_embeddings(mx.array(ids), model.voice(voice))
+    cache = model.voice_cache.prefill(model, voice, ids, embeddings)[0] if use_voice_cache else None
     codec_cache = model.audio_tokenizer.make_cache()
     sr, spf = model.config.sample_rate, model.config.samples_per_frame
     frames, pending = 0, []
@@ -195,7 +206,7 @@ def stream_generate(
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason,
         )
 
-    steps = generate_step(model, embeddings, max_frames=max_frames, seed=seed, noise=noise,
+    steps = generate_step(model, embeddings, cache=cache, max_frames=max_frames, seed=seed, noise=noise,
                           cfg_alpha=cfg_alpha, flow_steps=flow_steps)
     for codes in steps:
         pending.append(codes)

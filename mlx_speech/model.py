@@ -15,6 +15,7 @@ import mlx.nn as nn
 from .acoustic import CODE_OFFSET, AcousticConfig, FlowMatchingHead, _round_up
 from .backbone import BackboneConfig, backbone_key, make_backbone, make_backbone_cache
 from .codec import Codec, CodecConfig, sanitize_codec
+from .prompt_cache import VoicePrefixCache
 
 # Tensors kept in float32 whatever --dtype says: the semantic head (argmax over close logits,
 # T9) and the codec's semantic codebook (divided in fp32 at conversion, T22).
@@ -123,10 +124,12 @@ class Model(nn.Module):
         self._offsets = mx.array(offsets, dtype=mx.int32)  # [0, 8194, 8217, …]
         self._voices: dict[str, mx.array] = {}
         self.tokenizer = None  # set by load()
+        self.voice_cache = VoicePrefixCache()  # KV state of each voice's prompt prefix
 
     # ---- voices ---------------------------------------------------------------------------
     def set_voices(self, voices: dict[str, mx.array]) -> None:
         self._voices = dict(voices)
+        self.voice_cache.clear()
 
     @property
     def voices(self) -> list[str]:

@@ -99,3 +99,33 @@ def test_load_converts_an_original_release_once(tmp_path, monkeypatch):
 def test_load_rejects_a_folder_without_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an MLX model"):
         load(tmp_path)
+
+
+def test_voice_prefix_cache_gives_the_same_speech(model, cases):
+    from mlx_speech.prompt_cache import VoicePrefixCache
+
+    g = cases["g1_e2e"]
+    model.voice_cache = VoicePrefixCache(max_voices=1)
+    cold = generate(model, TEXT, VOICE, noise=g["noise"], max_frames=5, use_voice_cache=False)
+    first = generate(model, TEXT, VOICE, noise=g["noise"], max_frames=5)  # computes the prefix
+    again = generate(model, "Another sentence.", VOICE, seed=1, max_frames=2)  # reuses it
+    warm = generate(model, TEXT, VOICE, noise=g["noise"], max_frames=5)
+    assert (model.voice_cache.misses, model.voice_cache.hits) == (1, 2)
+    assert again.frames == 2
+    for r in (first, warm):
+        np.testing.assert_array_equal(r.codes, np.array(g["codes"]))
+        np.testing.assert_allclose(r.audio, cold.audio, atol=1e-4)
+
+
+def test_voice_prefix_cache_is_bounded_and_cleared_with_the_voices(model):
+    from mlx_speech.prompt_cache import VoicePrefixCache
+
+    model.voice_cache = cache = VoicePrefixCache(max_voices=1)
+    generate(model, TEXT, "casual_male", seed=0, max_frames=1)
+    generate(model, TEXT, "neutral_female", seed=0, max_frames=1)
+    assert len(cache) == 1 and cache.misses == 2  # the older voice was dropped
+    generate(model, TEXT, "casual_male", seed=0, max_frames=1)
+    assert cache.misses == 3 and cache.nbytes > 0
+    model.set_voices({name: model.voice(name) for name in model.voices})
+    assert len(cache) == 0
+    model.voice_cache = VoicePrefixCache()
