@@ -200,11 +200,11 @@ class Model(nn.Module):
         head are never quantized; the flow-matching transformer's linears only when the
         recipe says ``acoustic: true``.
         """
-        if not isinstance(module, nn.Linear):
-            return False
+        q = self.config.quantization or {}
+        if not isinstance(module, nn.Linear) or module.weight.shape[-1] % q.get("group_size", 64):
+            return False  # input_projection (36 inputs) cannot be grouped; it is tiny anyway
         if path.startswith("backbone."):
             return True
-        q = self.config.quantization or {}
         return (
             q.get("acoustic", False)
             and path.startswith("acoustic_transformer.")
