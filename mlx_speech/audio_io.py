@@ -1,4 +1,4 @@
-"""Write mono float audio to wav/flac/ogg(/mp3) files, atomically.
+"""Write mono float audio to wav/flac/ogg(/mp3) files, atomically; encode it in memory.
 
 Audio is written to a hidden temporary file next to the target and moved into place
 with ``os.replace`` only once complete, so an error or interruption never leaves a
@@ -7,7 +7,9 @@ half-written file under the requested name.
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import uuid
 
 import numpy as np
@@ -181,3 +183,59 @@ def write_audio(path: str | os.PathLike, audio, sample_rate: int) -> None:
     samples = _as_mono(audio)
     with AudioFileWriter(path, sample_rate) as writer:
         writer.write(samples)
+
+
+# ---- in-memory encoding, for the server ---------------------------------------------------------
+# Name -> (libsndfile format, subtype). "pcm" is headerless 16-bit little-endian mono.
+_ENCODINGS = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "pcm": ("RAW", "PCM_16"),
+}
+if "MP3" in sf.available_formats():
+    _ENCODINGS["mp3"] = ("MP3", "MPEG_LAYER_III")
+
+
+def encodable_formats() -> list[str]:
+    """Formats :func:`encode_audio` supports with this libsndfile build."""
+    return sorted(_ENCODINGS)
+
+
+def encode_audio(audio, sample_rate: int, fmt: str) -> bytes:
+    """Encode mono float audio in memory: ``wav``/``flac`` (16-bit), ``mp3`` (if libsndfile has
+    it) or ``pcm`` (raw signed 16-bit little-endian, the samples a 16-bit wav holds).
+
+    Samples are clipped to [-1, 1]; the conversion to 16 bits is libsndfile's, exactly as in
+    files written by :func:`write_audio`.
+
+    Raises:
+        ValueError: unknown format (the message lists the supported ones), non-mono or
+            non-finite audio, bad sample rate.
+    """
+    if fmt not in _ENCODINGS:
+        raise ValueError(f"Unsupported audio format {fmt!r}; use one of {encodable_formats()}")
+    samples = _as_mono(audio)
+    sample_rate = _check_sample_rate(sample_rate)
+    container, subtype = _ENCODINGS[fmt]
+    buffer = io.BytesIO()
+    endian = "LITTLE" if fmt == "pcm" else "FILE"
+    sf.write(buffer, samples, sample_rate, subtype=subtype, format=container, endian=endian)
+    return buffer.getvalue()
+
+
+_UNKNOWN_SIZE = 0xFFFFFFFF
+
+
+def wav_header(sample_rate: int, data_bytes: int | None = None) -> bytes:
+    """The 44-byte header of a mono 16-bit PCM wav, for streaming it before its length is known.
+
+    With ``data_bytes=None`` the RIFF and data sizes are 0xFFFFFFFF ("unknown"), which players,
+    ffmpeg and libsndfile read as "until the end of the stream". Followed by
+    ``encode_audio(..., "pcm")`` chunks it makes a wav file.
+    """
+    sample_rate = _check_sample_rate(sample_rate)
+    riff = _UNKNOWN_SIZE if data_bytes is None else 36 + data_bytes
+    data = _UNKNOWN_SIZE if data_bytes is None else data_bytes
+    fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, 2 * sample_rate, 2, 16)  # PCM, mono, 16-bit
+    return b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt \
+        + b"data" + struct.pack("<I", data)

@@ -4,7 +4,9 @@
     python -m mlx_speech.generate --file story.txt --voice fr_female --output story.wav
     echo "Piped text works too." | python -m mlx_speech.generate --output out.flac
 
-A thin layer over ``load`` and ``stream_generate``: argument checks, progress, summary.
+A thin layer over ``load`` and ``longform.stream_generate_long`` (``stream_generate`` for text of
+any length: long text is spoken in sentence-bounded pieces joined by a short crossfade):
+argument checks, progress, summary.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .generation import (
     DEFAULT_MAX_FRAMES,
     DEFAULT_VOICE,
 )
+from .longform import DEFAULT_MAX_CHARS, check_text
 
 DEFAULT_MODEL = "mistralai/Voxtral-4B-TTS-2603"
 
@@ -51,6 +54,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help=f"classifier-free guidance strength (default: {DEFAULT_CFG_ALPHA})")
     p.add_argument("--flow-steps", type=int, default=DEFAULT_FLOW_STEPS,
                    help=f"Euler steps per frame; fewer is faster, rougher (default: {DEFAULT_FLOW_STEPS})")
+    p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
+                   help=f"refuse text longer than this many characters (default: {DEFAULT_MAX_CHARS})")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line or summary")
     return p
 
@@ -104,13 +109,15 @@ def run(args) -> int:
         _list_voices(args.model)
         return 0
     text = read_text(args)
+    check_text(text, args.max_chars)  # before loading the model
     play = args.play or args.output is None
     from .audio_io import AudioFileWriter, check_output_path
 
     if args.output is not None:
         check_output_path(args.output)
 
-    from . import load, stream_generate
+    from . import load
+    from .longform import stream_generate_long
 
     t0 = time.perf_counter()
     model = load(args.model, verbose=not args.quiet)
@@ -134,8 +141,9 @@ def run(args) -> int:
         writer = AudioFileWriter(args.output, model.config.sample_rate)
     last = None
     try:
-        for last in stream_generate(model, text, args.voice, seed=args.seed, max_frames=args.max_frames,
-                                    cfg_alpha=args.cfg_alpha, flow_steps=args.flow_steps):
+        for last in stream_generate_long(model, text, args.voice, seed=args.seed, max_chars=args.max_chars,
+                                         max_frames=args.max_frames, cfg_alpha=args.cfg_alpha,
+                                         flow_steps=args.flow_steps):
             if writer is not None:
                 writer.write(last.audio)
             if player is not None:

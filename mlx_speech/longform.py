@@ -1,0 +1,307 @@
+"""Long text: split it at sentence boundaries, speak the pieces in turn, join them with a crossfade.
+
+``stream_generate`` speaks one prompt; ``stream_generate_long`` is the same generator for text of
+any length (the CLI and the server use it for every request):
+
+1. ``split_text`` cuts the text into pieces of at most ``chunk_chars`` characters (the first piece
+   at most ``first_chunk_chars`` when a sentence ends by then, so the first prompt is short). A cut
+   is made, in order of preference, at a paragraph break (always), a sentence end or line break,
+   a clause mark (``, ; :`` or a dash), a space; never inside a word. A word longer than the limit
+   stays whole.
+2. Every piece is checked before any audio is made: its prompt plus ``max_frames`` must fit the
+   model's context (a piece that does not is cut again, down to single words).
+3. Piece ``i`` is spoken by ``stream_generate`` with the same voice and ``chunk_seed(seed, i)``:
+   piece 0 uses ``seed`` itself, so one-piece text gives exactly ``stream_generate``'s output.
+4. Consecutive pieces overlap by ``crossfade_ms`` (default 40 ms) with an equal-power crossfade
+   (cos/sin gains, whose squares sum to 1: the right shape for two unrelated signals). To do this
+   the last ``crossfade_ms`` of every piece but the last is held back until the next piece's first
+   audio exists; the yielded chunks are final, so their concatenation is the whole signal, of
+   ``sum(piece lengths) - sum(overlaps)`` samples.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .generation import (
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_VOICE,
+    GenerationResponse,
+    GenerationResult,
+    stream_generate,
+)
+from .model import Model
+
+DEFAULT_MAX_CHARS = 100_000  # about two hours of speech
+DEFAULT_CHUNK_CHARS = 400  # about 25 s of speech per prompt
+DEFAULT_FIRST_CHUNK_CHARS = 120
+DEFAULT_CROSSFADE_MS = 40.0
+
+_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+# Cut levels, best first; each pattern matches the whitespace a cut may replace (or, for CJK
+# full stops, the empty string right after them).
+_SENTENCE = re.compile(
+    # A sentence end, after an optional closing quote or bracket, not before a lower-case word
+    # (so "e.g. this" is not one).
+    r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’»)\]]))\s+(?=[^\sa-zß-öø-ÿ])"
+    r"|(?<=[。！？])\s*"  # CJK full stops need no space after them
+    r"|(?<=[।॥؟۔])\s+"  # Hindi danda, Arabic question mark and full stop
+    r"|\s*\n\s*"  # a line break
+)
+_CLAUSE = re.compile(r"(?<=[,;:，、،—–])\s+|(?<=\s-)\s+|(?<=[.!?…])\s+")
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass
+class LongGenerationResponse(GenerationResponse):
+    """A ``GenerationResponse`` from ``stream_generate_long``.
+
+    ``audio`` is final (crossfades applied); ``codes``, ``frames`` and ``audio_seconds`` count
+    every piece so far; ``finish_reason`` is set on the last response only: "length" if any
+    piece hit ``max_frames``, else "stop".
+
+    Extra attributes:
+        piece: index of the text piece being spoken.
+        pieces: number of pieces.
+        prompt_tokens: prompt tokens of all pieces together (known before generation starts).
+    """
+
+    piece: int = 0
+    pieces: int = 1
+    prompt_tokens: int = 0
+
+
+def _cut(text: str, start: int, limit: int, patterns) -> tuple[int, int] | None:
+    """The last match (start, end) of the first pattern that has one inside text[start:start+limit]."""
+    window = text[start : start + limit + 1]  # +1: a cut right after `limit` characters is allowed
+    for pattern in patterns:
+        cuts = [m.span() for m in pattern.finditer(window) if 0 < m.start() <= limit]
+        if cuts:
+            return start + cuts[-1][0], start + cuts[-1][1]
+    return None
+
+
+def _split_paragraph(text: str, chunk_chars: int, first_chars: int | None) -> list[str]:
+    pieces, start = [], 0
+    while start < len(text):
+        if len(text) - start <= (first_chars or chunk_chars):
+            pieces.append(text[start:])
+            break
+        cut = None
+        if first_chars is not None:
+            # The short first piece ends at a sentence; if none ends by first_chars, at the first one.
+            cut = _cut(text, start, first_chars, [_SENTENCE])
+            if cut is None:
+                m = _SENTENCE.search(text, start + 1, start + chunk_chars + 1)
+                cut = m.span() if m is not None and m.start() > start else None
+            first_chars = None
+        if cut is None:
+            cut = _cut(text, start, chunk_chars, [_SENTENCE, _CLAUSE, _SPACE])
+        if cut is None:  # one word longer than the limit: it stays whole
+            m = _SPACE.search(text, start + chunk_chars)
+            cut = m.span() if m is not None else (len(text), len(text))
+        pieces.append(text[start : cut[0]])
+        start = cut[1]
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def split_text(
+    text: str,
+    chunk_chars: int = DEFAULT_CHUNK_CHARS,
+    first_chunk_chars: int | None = DEFAULT_FIRST_CHUNK_CHARS,
+) -> list[str]:
+    """Cut ``text`` into pieces to speak one at a time (see the module docstring for the rules).
+
+    Args:
+        text: the text; pieces are stripped slices of it (inner whitespace is kept).
+        chunk_chars: the longest piece, unless a single word is longer.
+        first_chunk_chars: the first piece ends at the last sentence end within this many
+            characters (or at the first sentence end within ``chunk_chars``); None: no special
+            first piece.
+
+    Returns:
+        The non-empty pieces, in order. Text that fits in one piece comes back whole.
+    """
+    if chunk_chars < 1 or (first_chunk_chars is not None and first_chunk_chars < 1):
+        raise ValueError(f"chunk sizes must be at least 1 character, got {chunk_chars} and {first_chunk_chars}")
+    if len(text.strip()) <= chunk_chars:
+        return [text.strip()] if text.strip() else []
+    pieces = []
+    for paragraph in _PARAGRAPH.split(text):
+        first = first_chunk_chars if not pieces and first_chunk_chars is not None else None
+        pieces += _split_paragraph(paragraph.strip(), chunk_chars, first)
+    return pieces
+
+
+def chunk_seed(seed: int | None, index: int) -> int | None:
+    """The seed of piece ``index``: ``seed`` itself for piece 0, then one derived from (seed, index)."""
+    if seed is None or index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+def check_text(text: str, max_chars: int | None = DEFAULT_MAX_CHARS) -> None:
+    """Raise ValueError for empty text or text over ``max_chars`` (naming its length and the limit)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty; give some text to speak")
+    if max_chars is not None:
+        if max_chars < 1:
+            raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+        if len(text) > max_chars:
+            raise ValueError(
+                f"text is {len(text)} characters, over the limit of {max_chars} (max_chars); "
+                "shorten it or raise the limit"
+            )
+
+
+def plan_pieces(
+    model: Model,
+    text: str,
+    voice: str = DEFAULT_VOICE,
+    *,
+    max_chars: int | None = DEFAULT_MAX_CHARS,
+    chunk_chars: int = DEFAULT_CHUNK_CHARS,
+    first_chunk_chars: int | None = DEFAULT_FIRST_CHUNK_CHARS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+) -> list[tuple[str, int]]:
+    """Validate a request and split it: the pieces with their prompt lengths, ``[(text, tokens)]``.
+
+    Uses only the tokenizer (no MLX work), so a server can check a request before accepting it.
+    One-piece text is returned unchanged (not stripped), exactly as ``stream_generate`` gets it.
+
+    Raises:
+        ValueError: empty text, text over ``max_chars`` (naming both), unknown voice, or a piece
+            whose prompt plus ``max_frames`` exceeds the model's context even when cut to words.
+    """
+    check_text(text, max_chars)
+    if voice not in model.voices:
+        raise ValueError(f"unknown voice {voice!r}; choose one of: {', '.join(model.voices)}")
+    context = model.config.max_seq_len
+    if max_frames >= context:
+        raise ValueError(
+            f"text too long: max_frames is {max_frames} and the model's context is {context} "
+            "positions, which leaves no room for the prompt; lower max_frames"
+        )
+    pieces = split_text(text, chunk_chars, first_chunk_chars)
+    if len(pieces) == 1:
+        pieces = [text]
+    planned, todo = [], [(p, chunk_chars) for p in pieces]
+    while todo:
+        piece, limit = todo.pop(0)
+        n = len(model.tokenizer.encode_speech(piece, voice))
+        if n + max_frames <= context:
+            planned.append((piece, n))
+            continue
+        smaller = split_text(piece, max(1, min(limit, len(piece)) // 2), None)
+        if len(smaller) < 2:
+            raise ValueError(
+                f"text too long: the piece {piece[:40]!r} needs a prompt of {n} tokens and max_frames "
+                f"is {max_frames}, over the model's context of {context} positions; lower max_frames"
+            )
+        todo[:0] = [(p, max(1, min(limit, len(piece)) // 2)) for p in smaller]
+    return planned
+
+
+def _fade(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-power gains over n samples: (fade_out, fade_in), with fade_out² + fade_in² = 1."""
+    phase = (np.arange(n, dtype=np.float64) + 0.5) / n * (np.pi / 2)
+    return np.cos(phase).astype(np.float32), np.sin(phase).astype(np.float32)
+
+
+def crossfade(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """``a`` then ``b``, the last ``n`` samples of ``a`` mixed with the first ``n`` of ``b``."""
+    if n == 0:
+        return np.concatenate([a, b])
+    out, fade_in = _fade(n)
+    mixed = a[len(a) - n :] * out + b[:n] * fade_in
+    return np.concatenate([a[: len(a) - n], mixed, b[n:]])
+
+
+def stream_generate_long(
+    model: Model,
+    text: str,
+    voice: str = DEFAULT_VOICE,
+    *,
+    seed: int | None = None,
+    max_chars: int | None = DEFAULT_MAX_CHARS,
+    chunk_chars: int = DEFAULT_CHUNK_CHARS,
+    first_chunk_chars: int | None = DEFAULT_FIRST_CHUNK_CHARS,
+    crossfade_ms: float = DEFAULT_CROSSFADE_MS,
+    **kwargs,
+) -> Iterator[LongGenerationResponse]:
+    """Speak text of any length, streamed: ``stream_generate`` piece by piece, crossfaded.
+
+    Args:
+        model: a model from ``mlx_speech.load``.
+        text: what to say.
+        voice: a preset voice name, used for every piece.
+        seed: piece ``i`` uses ``chunk_seed(seed, i)``; None: random.
+        max_chars: refuse longer text with a ValueError naming both numbers (None: no limit).
+        chunk_chars, first_chunk_chars: piece sizes (see ``split_text``).
+        crossfade_ms: overlap between consecutive pieces (equal-power), 0 to butt-join.
+        **kwargs: passed to ``stream_generate`` for every piece (``max_frames`` is per piece).
+
+    Yields:
+        ``LongGenerationResponse`` chunks whose audio concatenates to the final signal. Every
+        piece is checked before the first chunk (see ``plan_pieces``).
+    """
+    if crossfade_ms < 0:
+        raise ValueError(f"crossfade_ms must be >= 0, got {crossfade_ms}")
+    planned = plan_pieces(model, text, voice, max_chars=max_chars, chunk_chars=chunk_chars,
+                          first_chunk_chars=first_chunk_chars,
+                          max_frames=kwargs.get("max_frames", DEFAULT_MAX_FRAMES))
+    start = time.perf_counter()
+    sr = model.config.sample_rate
+    overlap = int(round(crossfade_ms * sr / 1000))
+    prompt_tokens = sum(n for _, n in planned)
+    held = np.zeros(0, np.float32)  # the signal not yet yielded (the tail awaiting a crossfade)
+    emitted = frames_before = 0
+    truncated = False
+    for i, (piece, _) in enumerate(planned):
+        last_piece = i == len(planned) - 1
+        joining, head, codes = i > 0, [], []
+        for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), **kwargs):
+            codes.append(r.codes)
+            if joining:  # gather enough of this piece's start to cross the held tail
+                head.append(r.audio)
+                if sum(map(len, head)) < len(held) and r.finish_reason is None:
+                    continue
+                joined = np.concatenate(head)
+                held = crossfade(held, joined, min(len(held), len(joined)))
+                joining, head = False, []
+            else:
+                held = np.concatenate([held, r.audio]) if len(held) else r.audio
+            keep = 0 if last_piece else min(overlap, len(held))
+            audio, held = held[: len(held) - keep], held[len(held) - keep :]
+            emitted += len(audio)
+            truncated |= r.finish_reason == "length"
+            elapsed = time.perf_counter() - start
+            finish = ("length" if truncated else "stop") if last_piece and r.finish_reason else None
+            yield LongGenerationResponse(
+                audio=audio, sample_rate=sr, codes=np.concatenate(codes), frames=frames_before + r.frames,
+                audio_seconds=emitted / sr, elapsed=elapsed,
+                real_time_factor=emitted / sr / elapsed if elapsed > 0 else 0.0,
+                peak_memory=r.peak_memory, finish_reason=finish,
+                piece=i, pieces=len(planned), prompt_tokens=prompt_tokens,
+            )
+            codes = []
+            if r.finish_reason is not None:
+                frames_before += r.frames
+
+
+def generate_long(model: Model, text: str, voice: str = DEFAULT_VOICE, **kwargs) -> GenerationResult:
+    """Speak text of any length in one go. Takes the keyword arguments of ``stream_generate_long``."""
+    codes, audio, last = [], [], None
+    for last in stream_generate_long(model, text, voice, **kwargs):
+        codes.append(last.codes)
+        audio.append(last.audio)
+    return GenerationResult(
+        codes=np.concatenate(codes), audio=np.concatenate(audio), sample_rate=last.sample_rate,
+        finish_reason=last.finish_reason, frames=last.frames, audio_seconds=last.audio_seconds,
+        elapsed=last.elapsed, real_time_factor=last.real_time_factor, peak_memory=last.peak_memory,
+    )
