@@ -98,3 +98,13 @@ def test_invalid_utf8_file_is_refused(tiny_mlx, tmp_path):
     bad.write_bytes(b"caf\xe9")
     r = run("--model", tiny_mlx, "--file", bad)
     assert r.returncode == 2 and "not valid UTF-8 (byte 3)" in r.stderr
+
+
+@pytest.mark.parametrize("option", [("--cfg-alpha", 2.0), ("--flow-steps", 3)])
+def test_flow_options_change_the_audio(spoken, tiny_mlx, tmp_path, option):
+    _, ref = spoken
+    out = tmp_path / "f.wav"
+    r = run("--model", tiny_mlx, "--text", TEXT, "--voice", "casual_male", "--seed", 4,
+            "--max-frames", 6, "--output", out, "-q", *option)
+    assert r.returncode == 0, r.stderr
+    assert not np.array_equal(sf.read(out)[0], sf.read(ref)[0])
