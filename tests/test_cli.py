@@ -82,6 +82,7 @@ def test_list_voices(tiny_mlx):
         (("--text", TEXT, "--output", "out.xyz"), None, "Unsupported audio file extension '.xyz'"),
         (("--text", TEXT, "--max-frames", 70000, "--output", "x.wav"), None, "text too long"),
         (("--text", TEXT, "--flow-steps", 0, "--output", "x.wav"), None, "flow_steps must be at least 1, got 0"),
+        (("--text", "word " * 30, "--max-chars", 100, "--output", "x.wav"), None, "over the limit of 100"),
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_mlx, tmp_path, args, stdin, message):
