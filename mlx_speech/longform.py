@@ -146,9 +146,13 @@ def chunk_seed(seed: int | None, index: int) -> int | None:
 
 
 def check_text(text: str, max_chars: int | None = DEFAULT_MAX_CHARS) -> None:
-    """Raise ValueError for empty text or text over ``max_chars`` (naming its length and the limit)."""
+    """Raise ValueError for empty text, control characters (other than tab and line breaks), or
+    text over ``max_chars`` (naming its length and the limit)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text is empty; give some text to speak")
+    bad = next((i for i, c in enumerate(text) if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"text holds the control character U+{ord(text[bad]):04X} at position {bad}; remove it")
     if max_chars is not None:
         if max_chars < 1:
             raise ValueError(f"max_chars must be at least 1, got {max_chars}")

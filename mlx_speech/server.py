@@ -44,7 +44,7 @@ except ImportError as e:  # one hint, where the optional dependency is used
 
 from .audio_io import encodable_formats, encode_audio, wav_header
 from .generation import DEFAULT_CFG_ALPHA, DEFAULT_FLOW_STEPS, DEFAULT_MAX_FRAMES, DEFAULT_VOICE
-from .longform import plan_pieces, stream_generate_long
+from .longform import check_text, plan_pieces, stream_generate_long
 from .voices import voice_info
 
 DEFAULT_MODEL = "mistralai/Voxtral-4B-TTS-2603"
@@ -126,10 +126,10 @@ def parse_speech_request(payload, voices: list[str], max_chars: int) -> SpeechRe
     if len(text) > max_chars:
         raise RequestError(f"input is {len(text)} characters, over this server's limit of {max_chars} "
                            "(--max-chars)", "input")
-    bad = next((i for i, c in enumerate(text) if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127), None)
-    if bad is not None:
-        raise RequestError(f"input holds the control character U+{ord(text[bad]):04X} at position {bad}; "
-                           "remove it", "input")
+    try:
+        check_text(text, None)  # control characters
+    except ValueError as e:
+        raise RequestError(f"input: {e}", "input") from None
 
     voice = payload.get("voice", DEFAULT_VOICE)
     if isinstance(voice, dict) and set(voice) == {"id"}:

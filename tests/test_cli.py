@@ -83,6 +83,7 @@ def test_list_voices(tiny_mlx):
         (("--text", TEXT, "--max-frames", 70000, "--output", "x.wav"), None, "text too long"),
         (("--text", TEXT, "--flow-steps", 0, "--output", "x.wav"), None, "flow_steps must be at least 1, got 0"),
         (("--text", "word " * 30, "--max-chars", 100, "--output", "x.wav"), None, "over the limit of 100"),
+        (("--text", "bell\x07", "--output", "x.wav"), None, "control character U+0007 at position 4"),
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_mlx, tmp_path, args, stdin, message):
