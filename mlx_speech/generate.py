@@ -175,11 +175,15 @@ def run(args) -> int:
         player.close()
     if last is not None:
         log(f"frames: {last.frames} | audio: {last.audio_seconds:.2f} s | wall: {last.elapsed:.2f} s | "
-            f"{last.real_time_factor:.2f}x real time | peak memory: {last.peak_memory:.2f} GB | "
+            f"{last.real_time_factor:.2f}x real time | peak memory: {_memory(last.peak_memory)} | "
             f"finish: {last.finish_reason}"
             + (f" | underruns: {player.underruns}" if player is not None else "")
             + (f" | wrote {args.output}" if writer is not None else ""))
     return 0
+
+
+def _memory(gb: float) -> str:
+    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
 
 
 def _expected_seconds(text: str) -> float:

@@ -110,3 +110,28 @@ def test_flow_options_change_the_audio(spoken, tiny_mlx, tmp_path, option):
             "--max-frames", 6, "--output", out, "-q", *option)
     assert r.returncode == 0, r.stderr
     assert not np.array_equal(sf.read(out)[0], sf.read(ref)[0])
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_partial_file(tiny_mlx, tmp_path):
+    import signal
+
+    out = tmp_path / "partial.wav"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mlx_speech.generate", "--model", str(tiny_mlx), "--text", TEXT,
+         "--voice", "casual_male", "--seed", "1", "--max-frames", "2000", "--output", str(out)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+    )
+    try:
+        assert "speaking with voice" in p.stderr.readline()  # the model is loaded
+        seen = ""
+        while "frames" not in seen:  # the first chunk is out (seed 1 speaks 131 frames here)
+            seen += p.stderr.read(1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "partial audio written" in err
+    audio, sr = sf.read(out, dtype="float32")
+    assert sr == 24000 and len(audio) > 0 and len(audio) % 1920 == 0
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["partial.wav"]  # no temp file left
