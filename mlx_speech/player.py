@@ -1,21 +1,28 @@
 """Gap-free streaming playback over sounddevice (PortAudio).
 
-The generator hands chunks to ``AudioPlayer.queue``; an output-stream callback pulls from a
-lock-protected ring buffer. On an underrun the callback writes silence and counts it instead
-of stopping the stream. Playback starts once enough audio is buffered to finish without a gap
-at the measured generation speed (``plan``), a few-millisecond fade removes clicks at the very
-start and end, and ``close`` drains everything before closing the stream. This module imports
+The generator hands chunks to ``AudioPlayer.queue``; an output-stream callback copies them out
+of a lock-protected ring buffer. On an underrun the callback writes silence and counts it
+instead of stopping the stream. Playback starts once enough audio is buffered to finish without
+a gap at the measured generation speed (``plan``); a few-millisecond fade removes clicks at the
+very start and end; ``close`` drains everything before closing the stream. When the device does
+not take 24 kHz, audio is converted with a streaming band-limited resampler. This module imports
 nothing from the package.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import numpy as np
 
 DEFAULT_FADE_MS = 5.0
+PLAN_MARGIN = 1.1  # below real time, buffer 10% more than the computed deficit
+# Output latency asked of PortAudio. Its "high" default (35 ms on ALSA) glitched through
+# PulseAudio's ALSA plugin when PulseAudio resampled; 0.1 s is safe and still imperceptible.
+DEFAULT_LATENCY_S = 0.1
+_DRAIN_SLACK_S = 2.0  # close() gives up waiting for the callback this long after it should be done
 
 
 class PlayerError(RuntimeError):
@@ -25,6 +32,11 @@ class PlayerError(RuntimeError):
 def _sounddevice():
     try:
         import sounddevice
+    except ImportError:
+        raise PlayerError(
+            "cannot play audio: the sounddevice package is not installed (pip install sounddevice); "
+            "or write to a file with --output"
+        ) from None
     except OSError as e:  # sounddevice raises OSError when the PortAudio library is absent
         raise PlayerError(
             f"cannot play audio: the PortAudio library is missing ({e}); "
@@ -44,41 +56,87 @@ def list_output_devices() -> list[tuple[int, str, float]]:
     ]
 
 
-class LinearResampler:
-    """Streaming linear-interpolation resampler; chunk boundaries are seamless."""
+class Resampler:
+    """Streaming band-limited resampler: Kaiser-windowed sinc, polyphase, NumPy only.
 
-    def __init__(self, rate_in: int, rate_out: int):
-        self.step = rate_in / rate_out
-        self._pos = 0.0  # position of the next output sample, in input samples, relative to _prev
-        self._prev = np.zeros(1, np.float32)  # last input sample of the previous chunk
+    Output sample j is the input's band-limited value at input time j·rate_in/rate_out, so the
+    output does not depend on how the input is cut into chunks. Each output needs ``half_width``
+    input samples of look-ahead (1.3 ms at 24 kHz); ``flush`` emits the held-back tail.
+    Accuracy: a sine below 80% of the lower Nyquist frequency comes out within 1e-4.
+
+    Args:
+        rate_in, rate_out: integer sample rates.
+        half_width: taps on each side of the output position (64 taps in all; more when
+            downsampling, to keep the filter's length in output samples).
+        beta: Kaiser window shape (8.6: about 85 dB stopband).
+        cutoff: the filter's half-amplitude point, as a fraction of the lower Nyquist frequency.
+    """
+
+    MAX_PHASES = 4096  # finer rational phases are rounded down to 1/4096 of an input sample
+
+    def __init__(self, rate_in: int, rate_out: int, half_width: int = 32, beta: float = 8.6,
+                 cutoff: float = 0.92):
+        g = math.gcd(int(rate_in), int(rate_out))
+        self._down, self._up = int(rate_in) // g, int(rate_out) // g  # output j sits at j·down/up
+        fc = cutoff * min(1.0, rate_out / rate_in)
+        half_width = math.ceil(half_width * cutoff / fc)  # as many zero crossings when downsampling
+        self._w = half_width
+        self._phases = min(self._up, self.MAX_PHASES)
+        frac = np.arange(self._phases)[:, None] / self._phases
+        d = np.arange(-half_width + 1, half_width + 1)[None, :] - frac  # tap distance, (P, 2W)
+        window = np.i0(beta * np.sqrt(np.clip(1.0 - (d / half_width) ** 2, 0.0, 1.0))) / np.i0(beta)
+        h = fc * np.sinc(fc * d) * window
+        self._taps = (h / h.sum(axis=1, keepdims=True)).astype(np.float32)  # unit gain at DC
+        self._offsets = np.arange(2 * half_width)
+        self._buf = np.zeros(half_width, np.float32)  # inputs from global index _base on
+        self._base = -half_width  # silence before the first sample
+        self._n_in = 0  # input samples received
+        self._j = 0  # next output index
+
+    @property
+    def identity(self) -> bool:
+        return self._up == self._down
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.step == 1.0:
+        """Resample the next chunk; returns the outputs whose inputs are all known."""
+        if self.identity:
             return x
-        buf = np.concatenate([self._prev, x])  # index 0 is the previous chunk's last sample
-        n_out = max(0, int(np.floor((len(buf) - 1 - self._pos) / self.step)) + 1)
-        t = self._pos + self.step * np.arange(n_out)
-        t = t[t <= len(buf) - 1]
-        out = np.interp(t, np.arange(len(buf)), buf).astype(np.float32)
-        self._pos = (t[-1] + self.step if len(t) else self._pos) - (len(buf) - 1)
-        self._prev = buf[-1:]
-        return out
+        self._buf = np.concatenate([self._buf, np.asarray(x, np.float32)])
+        self._n_in += len(x)
+        # Output j needs inputs up to floor(j·down/up) + W: emit every j with floor(j·down/up) ≤ last.
+        last = self._n_in - 1 - self._w
+        return self._emit(-(-(last + 1) * self._up // self._down) if last >= 0 else 0)
+
+    def flush(self) -> np.ndarray:
+        """The remaining outputs (input times before the end), reading silence after the end."""
+        if self.identity:
+            return np.zeros(0, np.float32)
+        self._buf = np.concatenate([self._buf, np.zeros(self._w + 1, np.float32)])
+        return self._emit(-(-self._n_in * self._up // self._down))  # ceil(n_in·up/down)
+
+    def _emit(self, end: int, block: int = 8192) -> np.ndarray:
+        parts = []
+        for j0 in range(self._j, end, block):
+            j = np.arange(j0, min(j0 + block, end), dtype=np.int64)
+            num = j * self._down
+            idx, phase = num // self._up, (num % self._up) * self._phases // self._up
+            rows = self._buf[(idx - self._base - self._w + 1)[:, None] + self._offsets]  # (n, 2W)
+            parts.append(np.einsum("ij,ij->i", rows, self._taps[phase]))
+        self._j = max(self._j, end)
+        keep = self._j * self._down // self._up - self._w + 1  # first input the next output reads
+        if keep > self._base:
+            self._buf = self._buf[keep - self._base :]
+            self._base = keep
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def _ring_read(buf: np.ndarray, pos: int, out: np.ndarray) -> None:
-    """Copy len(out) samples starting at absolute position ``pos`` of ring ``buf`` into out."""
-    start, n = pos % len(buf), len(out)
-    first = min(n, len(buf) - start)
-    out[:first] = buf[start : start + first]
-    out[first:] = buf[: n - first]
-
-
-def _ring_write(buf: np.ndarray, pos: int, x: np.ndarray) -> None:
-    """Copy x into ring ``buf`` at absolute position ``pos``."""
-    start, n = pos % len(buf), len(x)
-    first = min(n, len(buf) - start)
-    buf[start : start + first] = x[:first]
-    buf[: n - first] = x[first:]
+def _ring_copy(src: np.ndarray, src_pos: int, dst: np.ndarray, dst_pos: int, n: int) -> None:
+    """Copy n samples from ring ``src`` at absolute position src_pos into ring ``dst``."""
+    while n > 0:
+        s, d = src_pos % len(src), dst_pos % len(dst)
+        k = min(n, len(src) - s, len(dst) - d)
+        dst[d : d + k] = src[s : s + k]
+        src_pos, dst_pos, n = src_pos + k, dst_pos + k, n - k
 
 
 class AudioPlayer:
@@ -89,38 +147,52 @@ class AudioPlayer:
         device: sounddevice output device (index or name); None for the default.
         fade_ms: fade-in at the very start and fade-out at the very end.
         stream_factory: builds the output stream (tests inject a fake); defaults to
-            ``sounddevice.OutputStream``.
+            ``sounddevice.OutputStream``. It is called with samplerate, channels, dtype, device,
+            callback, blocksize and latency.
+        blocksize: frames per callback (0: let PortAudio choose).
+        latency: output latency in seconds asked of the device.
+        device_rate: open the device at this rate (resampling to it) instead of choosing one.
 
-    Use as a context manager; ``close`` waits until everything queued was played.
+    Raises:
+        PlayerError: PortAudio is missing, there is no output device, or it cannot be opened.
+
+    ``queue`` chunks as they come, ``finish`` when no more will come, then ``close`` (which
+    drains); or use it as a context manager (an exception aborts). Attributes: ``underruns``
+    counts the gaps where playback ran dry before ``finish`` (silence was played meanwhile);
+    ``start_time`` and ``first_output_time`` are the ``time.perf_counter()`` at which the stream
+    was started and at which the first queued sample was handed to the device; ``device_rate``
+    is the rate the device was opened at.
     """
 
     def __init__(self, sample_rate: int, device=None, fade_ms: float = DEFAULT_FADE_MS,
-                 stream_factory=None, blocksize: int = 0):
+                 stream_factory=None, blocksize: int = 0, device_rate: int | None = None,
+                 latency: float = DEFAULT_LATENCY_S):
         self.sample_rate = sample_rate
         self.device = device
-        self.fade_ms = fade_ms
         self.underruns = 0
-        self.first_output_time: float | None = None  # perf_counter() when audio first reached the device
+        self.first_output_time: float | None = None
+        self.start_time: float | None = None  # perf_counter() when the stream was started
+        self._fade_in = int(sample_rate * fade_ms / 1000)  # samples at sample_rate
+        self._faded = 0  # samples of the fade-in applied so far
         self._lock = threading.Lock()
         self._drained = threading.Event()
-        self._buf = np.zeros(sample_rate * 4, np.float32)
-        self._read = 0  # total samples handed to the device
-        self._write = 0  # total samples queued
-        self._finished = False
-        self._started = False
+        self._read = 0  # total samples handed to the device (advanced by the callback only)
+        self._write = 0  # total samples queued (advanced by the producer only)
+        self._finished = self._started = self._closed = self._starving = False
         self._start_threshold = 0  # samples to buffer before starting
-        self._faded_in = False
+        self._end_dac: float | None = None  # stream time at which the last sample is played
         if stream_factory is None:
             sd = _sounddevice()
-            self.device_rate = self._pick_rate(sd, device, sample_rate)
+            self.device_rate = device_rate or self._pick_rate(sd, device, sample_rate)
             stream_factory = sd.OutputStream
         else:
-            self.device_rate = sample_rate
-        self._resample = LinearResampler(sample_rate, self.device_rate)
+            self.device_rate = device_rate or sample_rate
+        self._buf = np.zeros(self.device_rate * 4, np.float32)
+        self._resample = Resampler(sample_rate, self.device_rate)
         try:
             self._stream = stream_factory(
                 samplerate=self.device_rate, channels=1, dtype="float32", device=device,
-                callback=self._callback, blocksize=blocksize,
+                callback=self._callback, blocksize=blocksize, latency=latency,
             )
         except Exception as e:  # PortAudioError and ValueError name the device problem
             raise PlayerError(f"cannot open audio output device {device!r}: {e}") from None
@@ -128,6 +200,8 @@ class AudioPlayer:
     @staticmethod
     def _pick_rate(sd, device, rate: int) -> int:
         """The audio's own rate if the device takes it, else the device's default rate."""
+        if device is None and not any(d["max_output_channels"] > 0 for d in sd.query_devices()):
+            raise PlayerError("no audio output device found; write to a file with --output instead")
         try:
             sd.check_output_settings(device=device, samplerate=rate, channels=1, dtype="float32")
             return rate
@@ -140,65 +214,77 @@ class AudioPlayer:
 
     # ---- producer side -----------------------------------------------------------------
     def plan(self, expected_seconds: float, real_time_factor: float, chunk_seconds: float) -> None:
-        """Set how much audio to buffer before starting, so playback never runs dry.
+        """Set how much audio to buffer before starting, so that playback never runs dry.
 
-        At ``real_time_factor`` (audio seconds per wall second) ≥ 1 one chunk is enough;
-        slower generation needs a lead covering the deficit over the whole utterance.
+        Args:
+            expected_seconds: estimated length of the whole utterance.
+            real_time_factor: measured audio seconds generated per wall second.
+            chunk_seconds: audio per chunk after the first (the longest wait between chunks).
+
+        Starting with B seconds buffered means starting at wall time B/r. A chunk covering audio
+        [a, a + c) is ready at (a + c)/r and due at B/r + a, so B ≥ c + (1 − r)·a for every
+        chunk: one chunk when r ≥ 1, and c + (1 − r)·(E − c) when r < 1 (the last chunk; the
+        deficit gets a 10% margin). Call before queuing; a threshold longer than the utterance
+        starts playback at ``finish``.
         """
         lead = chunk_seconds
         if real_time_factor < 1.0:
-            lead = max(lead, expected_seconds * (1.0 - real_time_factor) * 1.1 + chunk_seconds)
-        self._start_threshold = int(lead * self.device_rate)
+            deficit = (1.0 - max(real_time_factor, 0.0)) * max(expected_seconds - chunk_seconds, 0.0)
+            lead += PLAN_MARGIN * deficit
+        self._start_threshold = int(math.ceil(lead * self.device_rate))
 
     def queue(self, audio: np.ndarray) -> None:
         """Append a chunk (float32 mono at ``sample_rate``); starts playback when planned."""
         x = np.asarray(audio, np.float32).reshape(-1)
-        if not self._faded_in and len(x):
+        if self._faded < self._fade_in and len(x):
+            n = min(len(x), self._fade_in - self._faded)
             x = x.copy()
-            n = min(len(x), int(self.sample_rate * self.fade_ms / 1000))
-            x[:n] *= np.linspace(0.0, 1.0, n, endpoint=False, dtype=np.float32)
-            self._faded_in = True
-        x = self._resample(x)
-        with self._lock:
-            need = self._write - self._read + len(x)
-            if need > len(self._buf):  # grow outside the callback's path: the callback only reads
-                self._buf = self._grown(max(need, 2 * len(self._buf)))
-            self._put(x)
-            buffered = self._write - self._read
-        if not self._started and buffered >= max(self._start_threshold, 1):
+            x[:n] *= (np.arange(self._faded, self._faded + n, dtype=np.float32) / self._fade_in)
+            self._faded += n
+        self._put(self._resample(x))
+        if not self._started and self._write - self._read >= max(self._start_threshold, 1):
             self._start()
 
     def finish(self) -> None:
         """No more audio will come: fade out the tail and start playback if not yet started."""
-        with self._lock:
-            n = min(self._write - self._read, int(self.device_rate * self.fade_ms / 1000))
+        if self._finished:
+            return
+        self._put(self._resample.flush())
+        fade = int(self.device_rate * self._fade_in / self.sample_rate)
+        with self._lock:  # the tail is not played yet: fade what is left of it
+            n = min(self._write - self._read, fade)
             if n:
                 idx = np.arange(self._write - n, self._write) % len(self._buf)
                 self._buf[idx] *= np.linspace(1.0, 0.0, n, dtype=np.float32)
             self._finished = True
-            if self._write == self._read:
-                self._drained.set()
-        if not self._started and self._write > self._read:
+            empty = self._write == self._read
+        if not self._started and not empty:
             self._start()
+        elif empty:
+            self._drained.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until everything queued was handed to the device (after ``finish``)."""
         return self._drained.wait(timeout)
 
     def close(self) -> None:
-        """Finish, drain, then close the stream."""
-        if not self._finished:
-            self.finish()
+        """Finish, drain (bounded by the buffered length plus slack), then close the stream."""
+        if self._closed:
+            return
+        self.finish()
         if self._started:
-            self.wait()
-            # Let the device play out its own buffer before stopping.
-            time.sleep(getattr(self._stream, "latency", 0.0) or 0.0)
+            if not self.wait(self.buffered_seconds + self.latency + _DRAIN_SLACK_S):
+                return self.abort()  # the device stopped calling back; do not hang
+            time.sleep(self._device_tail(self.latency))  # let the device play its own buffer out
             self._stream.stop()
+        self._closed = True
         self._stream.close()
 
     def abort(self) -> None:
         """Stop at once (Ctrl-C): close the stream without draining."""
-        self._finished = True
+        if self._closed:
+            return
+        self._finished = self._closed = True
         self._drained.set()
         if self._started:
             self._stream.abort()
@@ -214,39 +300,68 @@ class AudioPlayer:
             self.abort()
 
     @property
+    def latency(self) -> float:
+        """The output latency the device reports, in seconds (0 if it reports none)."""
+        return float(getattr(self._stream, "latency", 0.0) or 0.0)
+
+    @property
     def buffered_seconds(self) -> float:
+        """Audio queued but not yet handed to the device."""
         return (self._write - self._read) / self.device_rate
 
     # ---- internals ---------------------------------------------------------------------
     def _start(self):
         self._started = True
+        self.start_time = time.perf_counter()
         self._stream.start()
 
-    def _grown(self, size: int) -> np.ndarray:
-        n = self._write - self._read
-        live = np.empty(n, np.float32)
-        _ring_read(self._buf, self._read, live)
-        new = np.zeros(size, np.float32)
-        _ring_write(new, self._read, live)
-        return new
-
     def _put(self, x: np.ndarray) -> None:
-        _ring_write(self._buf, self._write, x)
-        self._write += len(x)
+        if not len(x):
+            return
+        need = self._write - self._read + len(x)
+        if need > len(self._buf):
+            # Grow without holding the lock: the callback only reads [_read, _write) and moves
+            # _read forward, so copying from the current _read on is always enough.
+            new = np.zeros(max(need, 2 * len(self._buf)), np.float32)
+            read = self._read
+            _ring_copy(self._buf, read, new, read, self._write - read)
+            with self._lock:
+                self._buf = new
+        _ring_copy(x, 0, self._buf, self._write, len(x))  # the callback never reads past _write
+        with self._lock:
+            self._write += len(x)
+
+    def _device_tail(self, latency: float) -> float:
+        """Seconds until the device has played the last sample handed to it."""
+        now = getattr(self._stream, "time", None)
+        if self._end_dac is not None and now:
+            return min(max(self._end_dac - now, 0.0), latency + 0.5)
+        return latency
 
     def _callback(self, outdata, frames, time_info, status):
-        # Runs on the audio thread: no allocation of buffers, no blocking beyond the short lock.
+        # The audio thread: no allocation, no blocking beyond the short lock, never raises.
         out = outdata[:, 0]
         with self._lock:
-            n = min(frames, self._write - self._read)
-            _ring_read(self._buf, self._read, out[:n])
+            pos = self._read % len(self._buf)
+            n = min(frames, self._write - self._read, len(self._buf) - pos)
+            out[:n] = self._buf[pos : pos + n]
             self._read += n
-            finished = self._finished
-            empty = self._write == self._read
+            if n < frames:  # wrapped around the ring end
+                m = min(frames - n, self._write - self._read)
+                out[n : n + m] = self._buf[:m]
+                self._read += m
+                n += m
+            finished, empty = self._finished, self._write == self._read
         out[n:] = 0.0
         if n and self.first_output_time is None:
             self.first_output_time = time.perf_counter()
         if n < frames and not finished:
-            self.underruns += 1
-        if finished and empty:
+            if not self._starving:  # one underrun per gap, however many callbacks it lasts
+                self.underruns += 1
+            self._starving = True
+        elif n:
+            self._starving = False
+        if finished and empty and not self._drained.is_set():
+            dac = getattr(time_info, "outputBufferDacTime", 0.0)
+            self._end_dac = dac + n / self.device_rate if dac else None
             self._drained.set()
