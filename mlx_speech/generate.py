@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .generation import (
     DEFAULT_CFG_ALPHA,
+    DEFAULT_CHUNK_FRAMES,
     DEFAULT_FLOW_STEPS,
     DEFAULT_MAX_FRAMES,
     DEFAULT_VOICE,
@@ -82,8 +83,11 @@ def read_text(args) -> str:
 def _list_devices() -> None:
     from .player import list_output_devices
 
-    for index, name, rate in list_output_devices():
+    devices = list_output_devices()
+    for index, name, rate in devices:
         print(f"{index:3d}  {name}  ({rate:.0f} Hz)")
+    if not devices:
+        print("no audio output devices found", file=sys.stderr)
 
 
 def _list_voices(model_path) -> None:
@@ -140,6 +144,7 @@ def run(args) -> int:
     if args.output is not None:
         writer = AudioFileWriter(args.output, model.config.sample_rate)
     last = None
+    request_start = time.perf_counter()
     try:
         for last in stream_generate_long(model, text, args.voice, seed=args.seed, max_chars=args.max_chars,
                                          max_frames=args.max_frames, cfg_alpha=args.cfg_alpha,
@@ -148,7 +153,8 @@ def run(args) -> int:
                 writer.write(last.audio)
             if player is not None:
                 if last.frames == len(last.codes):  # first chunk: plan the start buffer
-                    chunk_s = last.audio_seconds
+                    # The lead must cover producing a regular (later, larger) chunk.
+                    chunk_s = DEFAULT_CHUNK_FRAMES * model.config.samples_per_frame / model.config.sample_rate
                     player.plan(expected_seconds=_expected_seconds(text), chunk_seconds=chunk_s,
                                 real_time_factor=last.real_time_factor)
                 player.queue(last.audio)
@@ -178,6 +184,8 @@ def run(args) -> int:
             f"{last.real_time_factor:.2f}x real time | peak memory: {_memory(last.peak_memory)} | "
             f"finish: {last.finish_reason}"
             + (f" | underruns: {player.underruns}" if player is not None else "")
+            + (f" | first audio after {player.first_output_time - request_start:.2f} s"
+               if player is not None and player.first_output_time is not None else "")
             + (f" | wrote {args.output}" if writer is not None else ""))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -135,3 +136,22 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_partial_file(tiny_mlx, tmp_path):
     audio, sr = sf.read(out, dtype="float32")
     assert sr == 24000 and len(audio) > 0 and len(audio) % 1920 == 0
     assert sorted(f.name for f in tmp_path.iterdir()) == ["partial.wav"]  # no temp file left
+
+
+def test_play_without_an_output_device_still_writes_the_file(tiny_mlx, tmp_path):
+    env = {**os.environ, "PULSE_SERVER": f"unix:{tmp_path}/no-such-server"}
+    devices = subprocess.run([sys.executable, "-m", "mlx_speech.generate", "--list-devices"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    if devices.stdout.strip():
+        pytest.skip("this machine has an audio output device; the no-device path cannot be shown")
+    assert devices.returncode == 0 and "no audio output devices found" in devices.stderr
+    out = tmp_path / "o.wav"
+    args = ["--model", tiny_mlx, "--text", TEXT, "--voice", "casual_male", "--seed", 4, "--max-frames", 6]
+    r = subprocess.run([sys.executable, "-m", "mlx_speech.generate", *map(str, args), "--play",
+                        "--output", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "warning: no audio output device found" in r.stderr
+    assert len(sf.read(out)[0]) == 6 * 1920
+    r = subprocess.run([sys.executable, "-m", "mlx_speech.generate", *map(str, args), "--play"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: no audio output device")
