@@ -9,12 +9,14 @@ module names here, so no renaming is needed.
 from __future__ import annotations
 
 import math
-from functools import partial
 from dataclasses import dataclass, fields
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .layers import FeedForward
 
 END_AUDIO = 1  # semantic code that ends generation
 EMPTY_AUDIO = 0
@@ -71,17 +73,6 @@ class Attention(nn.Module):
         v = self.wv(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.wo(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):

@@ -11,6 +11,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .layers import FeedForward
+
 
 class ConvState:
     """Streaming state of a causal conv: the trailing inputs the next chunk still needs."""
@@ -174,17 +176,6 @@ class Attention(nn.Module):
         )
         o = o.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.wo(o)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerLayer(nn.Module):

@@ -218,10 +218,10 @@ def stream_generate(
     yield respond("length" if frames == max_frames else "stop")
 
 
-def generate(model: Model, text: str, voice: str = DEFAULT_VOICE, **kwargs) -> GenerationResult:
-    """Speak ``text`` in one go. Takes the keyword arguments of ``stream_generate``."""
+def collect(responses: Iterator[GenerationResponse]) -> GenerationResult:
+    """Drain streamed responses into one ``GenerationResult``."""
     codes, audio, last = [], [], None
-    for last in stream_generate(model, text, voice, **kwargs):
+    for last in responses:
         codes.append(last.codes)
         audio.append(last.audio)
     return GenerationResult(
@@ -230,3 +230,7 @@ def generate(model: Model, text: str, voice: str = DEFAULT_VOICE, **kwargs) -> G
         elapsed=last.elapsed, real_time_factor=last.real_time_factor, peak_memory=last.peak_memory,
     )
 
+
+def generate(model: Model, text: str, voice: str = DEFAULT_VOICE, **kwargs) -> GenerationResult:
+    """Speak ``text`` in one go. Takes the keyword arguments of ``stream_generate``."""
+    return collect(stream_generate(model, text, voice, **kwargs))

@@ -33,6 +33,7 @@ from .generation import (
     DEFAULT_VOICE,
     GenerationResponse,
     GenerationResult,
+    collect,
     stream_generate,
 )
 from .model import Model
@@ -300,12 +301,4 @@ def stream_generate_long(
 
 def generate_long(model: Model, text: str, voice: str = DEFAULT_VOICE, **kwargs) -> GenerationResult:
     """Speak text of any length in one go. Takes the keyword arguments of ``stream_generate_long``."""
-    codes, audio, last = [], [], None
-    for last in stream_generate_long(model, text, voice, **kwargs):
-        codes.append(last.codes)
-        audio.append(last.audio)
-    return GenerationResult(
-        codes=np.concatenate(codes), audio=np.concatenate(audio), sample_rate=last.sample_rate,
-        finish_reason=last.finish_reason, frames=last.frames, audio_seconds=last.audio_seconds,
-        elapsed=last.elapsed, real_time_factor=last.real_time_factor, peak_memory=last.peak_memory,
-    )
+    return collect(stream_generate_long(model, text, voice, **kwargs))

@@ -1,7 +1,6 @@
 """Codec decoder: golden parity per block, weight folding, padding math, exact streaming."""
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
