@@ -66,13 +66,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, n_queries: int | None = None) -> mx.array:
+        """Attend from the first ``n_queries`` positions (all by default) to every position."""
         B, L, _ = x.shape
-        q = self.wq(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        Q = L if n_queries is None else n_queries
+        q = self.wq(x[:, :Q]).reshape(B, Q, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.wk(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.wv(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.wo(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.wo(o.transpose(0, 2, 1, 3).reshape(B, Q, -1))
 
 
 class Block(nn.Module):
@@ -83,8 +85,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(c.dim, c.hidden_dim)
         self.ffn_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.attention(self.attention_norm(x))
+    def __call__(self, x: mx.array, n_queries: int | None = None) -> mx.array:
+        """All positions, or only the first ``n_queries`` (keys and values still see all)."""
+        x = x[:, :n_queries] + self.attention(self.attention_norm(x), n_queries)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -129,9 +132,11 @@ class FlowMatchingHead(nn.Module):
     def velocity(self, x: mx.array, time_tokens: mx.array, llm_tokens: mx.array) -> mx.array:
         """One transformer pass. x (B, 36), time_tokens/llm_tokens (B, dim) already projected."""
         seq = mx.stack([self.input_projection(x.astype(self.dtype)), time_tokens, llm_tokens], axis=1)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             seq = layer(seq)
-        # The velocity is read at position 0, the x_t token (T16).
+        # The velocity is read at position 0, the x_t token (T16): the last layer needs keys and
+        # values of all three tokens but queries, output projection and FFN for token 0 only.
+        seq = self.layers[-1](seq, n_queries=1)
         return self.acoustic_codebook_output(self.norm(seq[:, 0])).astype(mx.float32)
 
     def _schedule(self, steps: int):

@@ -119,13 +119,14 @@ def generate_step(
             key, sub = mx.random.split(key)
             x0 = mx.random.normal((1, n_acoustic), key=sub)
         codes = model.acoustic_transformer(h, x0, flow_steps, cfg_alpha)  # (1, 37)
-        if codes[0, 0].item() == END_AUDIO:  # the one host sync per frame
-            return
         if i + 1 < max_frames:
-            # Queue the next backbone step before handing the frame out, so it runs while the
-            # caller decodes or plays this one.
+            # Queue the next backbone step before the END check and before handing the frame
+            # out, so it runs while the host checks, decodes or plays; after the END frame it
+            # is simply dropped with the cache.
             h = model(model.audio_code_embeddings(codes)[:, None], cache)[:, -1]
             mx.async_eval(h)
+        if codes[0, 0].item() == END_AUDIO:  # the one host sync per frame
+            return
         yield codes[0]
 
 
