@@ -129,3 +129,27 @@ def test_voice_prefix_cache_is_bounded_and_cleared_with_the_voices(model):
     model.set_voices({name: model.voice(name) for name in model.voices})
     assert len(cache) == 0
     model.voice_cache = VoicePrefixCache()
+
+
+def test_bfloat16_model_computes_in_bfloat16(tmp_path, monkeypatch):
+    """Activations follow the weights: float32 noise or latents must not promote every matmul of
+    the flow transformer or the codec to float32 (the main speed gap to other ports)."""
+    from mlx_speech.acoustic import Block
+    from mlx_speech.codec_layers import TransformerStage
+    from mlx_speech.convert import convert
+
+    m = load(convert(hf_path=str(TINY), mlx_path=str(tmp_path / "bf16"), dtype="bfloat16", verbose=False))
+    seen = {}
+    for cls, name in ((Block, "flow"), (TransformerStage, "codec")):
+        original = cls.__call__
+
+        def spy(self, x, *args, _original=original, _name=name, **kwargs):
+            seen.setdefault(_name, set()).add(x.dtype)
+            return _original(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", spy)
+    m.acoustic_transformer.sample_acoustic(mx.zeros((1, 64)), mx.ones((1, 36)), 2, 1.2)
+    m.audio_tokenizer.decode(mx.full((1, 2, 37), 3, dtype=mx.int32))
+    assert seen == {"flow": {mx.bfloat16}, "codec": {mx.bfloat16}}
+    result = generate(m, TEXT, VOICE, seed=0, max_frames=2)
+    assert result.audio.dtype == np.float32 and result.codes.shape == (2, 37)
