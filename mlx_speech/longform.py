@@ -29,16 +29,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from .generation import (
+    DEFAULT_MAX_CHARS,
     DEFAULT_MAX_FRAMES,
     DEFAULT_VOICE,
     GenerationResponse,
     GenerationResult,
+    check_text,
     collect,
     stream_generate,
 )
 from .model import Model
 
-DEFAULT_MAX_CHARS = 100_000  # about two hours of speech
 DEFAULT_CHUNK_CHARS = 400  # about 25 s of speech per prompt
 DEFAULT_FIRST_CHUNK_CHARS = 120
 DEFAULT_CROSSFADE_MS = 40.0
@@ -144,24 +145,6 @@ def chunk_seed(seed: int | None, index: int) -> int | None:
     if seed is None or index == 0:
         return seed
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
-
-
-def check_text(text: str, max_chars: int | None = DEFAULT_MAX_CHARS) -> None:
-    """Raise ValueError for empty text, control characters (other than tab and line breaks), or
-    text over ``max_chars`` (naming its length and the limit)."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("text is empty; give some text to speak")
-    bad = next((i for i, c in enumerate(text) if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127), None)
-    if bad is not None:
-        raise ValueError(f"text holds the control character U+{ord(text[bad]):04X} at position {bad}; remove it")
-    if max_chars is not None:
-        if max_chars < 1:
-            raise ValueError(f"max_chars must be at least 1, got {max_chars}")
-        if len(text) > max_chars:
-            raise ValueError(
-                f"text is {len(text)} characters, over the limit of {max_chars} (max_chars); "
-                "shorten it or raise the limit"
-            )
 
 
 def plan_pieces(
