@@ -42,8 +42,9 @@ def _predicate(quantization: dict):
     """
 
     def predicate(path: str, module: nn.Module) -> bool:
-        if not isinstance(module, nn.Linear):
-            return False
+        group = quantization.get("group_size", 64)
+        if not isinstance(module, nn.Linear) or module.weight.shape[-1] % group:
+            return False  # as ours: input_projection (36 inputs) cannot be grouped
         if path.startswith("language_model."):
             return True
         return (
