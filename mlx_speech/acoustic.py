@@ -66,15 +66,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def __call__(self, x: mx.array, n_queries: int | None = None) -> mx.array:
-        """Attend from the first ``n_queries`` positions (all by default) to every position."""
-        B, L, _ = x.shape
-        Q = L if n_queries is None else n_queries
-        q = self.wq(x[:, :Q]).reshape(B, Q, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.wk(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.wv(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    def project(self, h: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values of normed rows h (..., dim): row by row, no mixing."""
+        return self.wq(h), self.wk(h), self.wv(h)
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """q (B, Q, heads·hd) attends to k, v (B, L, kv_heads·hd); returns (B, Q, dim)."""
+        B, Q, _ = q.shape
+        L = k.shape[1]
+        q = q.reshape(B, Q, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.wo(o.transpose(0, 2, 1, 3).reshape(B, Q, -1))
+
+    def __call__(self, x: mx.array, n_queries: int | None = None) -> mx.array:
+        """Attend from the first ``n_queries`` positions (all by default) to every position."""
+        return self.attend(self.wq(x[:, :n_queries]), self.wk(x), self.wv(x))
 
 
 class Block(nn.Module):
@@ -84,6 +92,15 @@ class Block(nn.Module):
         self.attention_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
         self.feed_forward = FeedForward(c.dim, c.hidden_dim)
         self.ffn_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Attention queries, keys and values of rows x (..., dim), each row on its own."""
+        return self.attention.project(self.attention_norm(x))
+
+    def finish(self, x, q, k, v, n_queries: int | None = None) -> mx.array:
+        """The block on x (B, L, dim) given its projections; outputs the first ``n_queries``."""
+        x = x[:, :n_queries] + self.attention.attend(q[:, :n_queries], k, v)
+        return x + self.feed_forward(self.ffn_norm(x))
 
     def __call__(self, x: mx.array, n_queries: int | None = None) -> mx.array:
         """All positions, or only the first ``n_queries`` (keys and values still see all)."""
@@ -132,47 +149,83 @@ class FlowMatchingHead(nn.Module):
     def velocity(self, x: mx.array, time_tokens: mx.array, llm_tokens: mx.array) -> mx.array:
         """One transformer pass. x (B, 36), time_tokens/llm_tokens (B, dim) already projected."""
         seq = mx.stack([self.input_projection(x.astype(self.dtype)), time_tokens, llm_tokens], axis=1)
-        for layer in self.layers[:-1]:
+        return self._layers_from(0, seq)
+
+    def _layers_from(self, start: int, seq: mx.array) -> mx.array:
+        """Layers ``start``… on seq (B, 3, dim), then the velocity head on token 0 → (B, 36)."""
+        last = len(self.layers) - 1
+        for layer in self.layers[start:last]:
             seq = layer(seq)
         # The velocity is read at position 0, the x_t token (T16): the last layer needs keys and
         # values of all three tokens but queries, output projection and FFN for token 0 only.
-        seq = self.layers[-1](seq, n_queries=1)
+        if start <= last:
+            seq = self.layers[last](seq, n_queries=1)
         return self.acoustic_codebook_output(self.norm(seq[:, 0])).astype(mx.float32)
 
-    def _schedule(self, steps: int):
-        """Time points, step sizes and projected time tokens for ``steps`` Euler steps.
+    def _cfg_velocity(self, x, time_token, time_qkv, llm_tokens, llm_qkv) -> mx.array:
+        """Both CFG branches at state x (B, 36) → (2B, 36) velocities, conditional rows first.
 
-        Computed once per step count and reused for every frame; recomputed only if the
-        time projection's weights are replaced (e.g. after loading or quantizing).
+        The same math as ``velocity`` on the stacked batch [x|x, t|t, cond|0], without
+        recomputing rows of the first layer's projections that repeat: x_t and the time token are
+        identical in both branches, the time token's projections come with the schedule and the
+        llm tokens' are made once per frame (``_solve``). Per step the first layer projects one
+        row per item instead of six; every row still gets exactly the values it had.
         """
+        first = self.layers[0]
+        xt = self.input_projection(x.astype(self.dtype))
+
+        def rows(of_x, of_time, of_llm):
+            of_x = mx.concatenate([of_x, of_x], axis=0)
+            return mx.stack([of_x, mx.broadcast_to(of_time, of_x.shape), of_llm], axis=1)
+
+        q, k, v = (rows(*r) for r in zip(first.project(xt), time_qkv, llm_qkv))
+        seq = first.finish(rows(xt, time_token, llm_tokens), q, k, v,
+                           n_queries=1 if len(self.layers) == 1 else None)
+        return self._layers_from(1, seq)
+
+    def _schedule(self, steps: int):
+        """Time points, step sizes and projected time tokens for ``steps`` Euler steps."""
+        s = self._schedule_with_projections(steps)
+        return s[0], s[1]
+
+    def _schedule_with_projections(self, steps: int):
+        """``_schedule`` plus the first layer's queries, keys and values of each time token.
+
+        Computed once per step count and reused for every frame; recomputed only if a weight
+        they come from is replaced (e.g. after loading or quantizing).
+        """
+        first = self.layers[0]
+        sources = (self.time_projection.weight, first.attention_norm.weight,
+                   first.attention.wq.weight, first.attention.wk.weight, first.attention.wv.weight)
         cached = self._time_tokens.get(steps)
-        if cached is None or cached[0] is not self.time_projection.weight:
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources)):
             t = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
             dts = [float(d) for d in np.diff(t)]
             emb = self.time_embedding(mx.array(t[:-1]))
             tokens = self.time_projection(emb.astype(self.dtype))
-            mx.eval(tokens)
-            cached = (self.time_projection.weight, dts, tokens)
+            qkv = first.project(tokens)
+            mx.eval(tokens, qkv)
+            cached = (sources, dts, tokens, qkv)
             self._time_tokens[steps] = cached
-        return cached[1], cached[2]
+        return cached[1:]
 
     def sample_acoustic(
         self, h: mx.array, x0: mx.array, steps: int, cfg_alpha: float
     ) -> mx.array:
         """Integrate the flow from noise ``x0`` (B, 36) to the data end; returns x (B, 36) fp32."""
-        dts, time_tokens = self._schedule(steps)
-        return self._solve(h, x0, mx.array(cfg_alpha, mx.float32), time_tokens, dts)
+        dts, time_tokens, time_qkv = self._schedule_with_projections(steps)
+        return self._solve(h, x0, mx.array(cfg_alpha, mx.float32), time_tokens, time_qkv, dts)
 
-    def _solve(self, h, x0, cfg_alpha, time_tokens, dts):
+    def _solve(self, h, x0, cfg_alpha, time_tokens, time_qkv, dts):
         B = h.shape[0]
         cond = self.llm_projection(h.astype(self.dtype))
         # Unconditional branch: the backbone hidden is zeroed before the bias-free projection,
         # so its token is exactly zero; both branches go through the transformer as one batch.
         llm_tokens = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
+        llm_qkv = self.layers[0].project(llm_tokens)  # the same at every step of the frame
         x = x0.astype(mx.float32)
         for i, dt in enumerate(dts):
-            tt = mx.broadcast_to(time_tokens[i], (2 * B, time_tokens.shape[-1]))
-            v = self.velocity(mx.concatenate([x, x], axis=0), tt, llm_tokens)
+            v = self._cfg_velocity(x, time_tokens[i], [a[i] for a in time_qkv], llm_tokens, llm_qkv)
             v = cfg_alpha * v[:B] + (1.0 - cfg_alpha) * v[B:]
             x = x + v * dt
         return x
@@ -182,9 +235,10 @@ class FlowMatchingHead(nn.Module):
         levels = self.config.acoustic_codebook_size - 1
         return mx.round((mx.clip(x, -1.0, 1.0) + 1.0) / 2.0 * levels).astype(mx.int32)
 
-    def _frame(self, h, x0, cfg_alpha, time_tokens, dts):
+    def _frame(self, h, x0, cfg_alpha, time_tokens, time_qkv, dts):
         semantic = mx.argmax(self.semantic_logits(h), axis=-1).astype(mx.int32)
-        acoustic = self.quantize_levels(self._solve(h, x0, cfg_alpha, time_tokens, dts)) + CODE_OFFSET
+        x = self._solve(h, x0, cfg_alpha, time_tokens, time_qkv, dts)
+        acoustic = self.quantize_levels(x) + CODE_OFFSET
         # An END_AUDIO frame carries EMPTY_AUDIO acoustic codes (it is never decoded or fed back).
         acoustic = mx.where((semantic == END_AUDIO)[:, None], EMPTY_AUDIO + CODE_OFFSET, acoustic)
         return mx.concatenate([semantic[:, None], acoustic], axis=-1)
@@ -200,9 +254,9 @@ class FlowMatchingHead(nn.Module):
         c = self.config
         steps = c.n_decoding_steps if steps is None else steps
         cfg_alpha = c.cfg_alpha if cfg_alpha is None else cfg_alpha
-        dts, time_tokens = self._schedule(steps)
+        dts, time_tokens, time_qkv = self._schedule_with_projections(steps)
         fn = self._compiled.get(steps)
         if fn is None:
             fn = mx.compile(partial(self._frame, dts=tuple(dts)), inputs=self.state)
             self._compiled[steps] = fn
-        return fn(h, x0, mx.array(cfg_alpha, mx.float32), time_tokens)
+        return fn(h, x0, mx.array(cfg_alpha, mx.float32), time_tokens, time_qkv)
