@@ -74,6 +74,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-steps", type=int, default=DEFAULT_FLOW_STEPS)
     p.add_argument("--cfg-alpha", type=float, default=DEFAULT_CFG_ALPHA)
     p.add_argument("--compare", action="store_true", help="also measure mlx-audio's Voxtral (pip install mlx-audio)")
+    p.add_argument("--interleave", action="store_true",
+                   help="implies --compare: hold both models and time them in turns, one stage at a time "
+                        "(steadier ratios on a shared machine; needs memory for both; no peak memory)")
     p.add_argument("--e2e", action="store_true",
                    help="also time each implementation's own streaming API (costs --e2e-frames more frames)")
     p.add_argument("--e2e-frames", type=int, default=None,
@@ -110,31 +113,46 @@ def _warm_up(runner, warm_ids: list[int], args) -> None:
     timed(runner.codec, _tile([codes], args.first_chunk_frames), state)
 
 
-def measure_stages(runner, ids: list[int], warm_ids: list[int], args) -> dict:
-    """One request, stage by stage, each evaluated and timed on its own (no overlap)."""
+def stage_timings(runner, ids: list[int], warm_ids: list[int], args):
+    """One request, stage by stage, each evaluated and timed on its own (no overlap).
+
+    A generator: it yields after each timed unit of work (a prefill, a flow frame, a backbone
+    step, a codec chunk) so that two implementations can take turns (``--interleave``), and
+    returns the figures. ``measure_stages`` runs one alone.
+    """
     _warm_up(runner, warm_ids, args)
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
+    yield
     h, prefill_ms = timed(runner.prefill, ids)
+    yield
     miss_ms = cached_ms = None
     if hasattr(runner, "prefill_cached"):
         _, miss_ms = timed(runner.prefill_voice_miss, ids)
         h, cached_ms = timed(runner.prefill_cached, ids)  # frames continue from this one
+    yield
     frames, flow_ms, step_ms = [], [], []
     for i in range(args.frames):
         codes, ms = timed(runner.flow, h, args.flow_steps)
         flow_ms.append(ms)
         frames.append(codes)
+        yield
         h, ms = timed(runner.step, codes)
         step_ms.append(ms)
-        log(f"  frame {i + 1}/{args.frames}: flow {flow_ms[-1]:.0f} ms, backbone step {ms:.0f} ms")
+        log(f"  [{runner.name}] frame {i + 1}/{args.frames}: flow {flow_ms[-1]:.0f} ms, "
+            f"backbone step {ms:.0f} ms")
+        yield
     k1, k = args.first_chunk_frames, args.chunk_frames
     pool = _tile(frames, max(k1, k, PRIME_FRAMES))
     state = runner.new_codec_state()
     _, first_chunk_ms = timed(runner.codec, pool[:k1], state)
     runner.mid_utterance(state, pool[:PRIME_FRAMES])
-    chunk_ms = [timed(runner.codec, pool[:k], state)[1] for _ in range(args.codec_reps)]
+    yield
+    chunk_ms = []
+    for _ in range(args.codec_reps):
+        chunk_ms.append(timed(runner.codec, pool[:k], state)[1])
+        yield
     peak = mx.get_peak_memory()
 
     backbone, flow = statistics.median(step_ms), statistics.median(flow_ms)
@@ -161,6 +179,52 @@ def measure_stages(runner, ids: list[int], warm_ids: list[int], args) -> dict:
             "ttfa_cached_over_uncached": (cached_ms + after_prefill) / out["ttfa_ms"],
         })
     return out
+
+
+def _finish(gen) -> dict | None:
+    """Advance a ``stage_timings`` generator by one unit; its figures once it is done."""
+    try:
+        next(gen)
+    except StopIteration as done:
+        return done.value
+    return None
+
+
+def measure_stages(runner, ids: list[int], warm_ids: list[int], args) -> dict:
+    gen = stage_timings(runner, ids, warm_ids, args)
+    while (out := _finish(gen)) is None:
+        pass
+    return out
+
+
+def measure_interleaved(runners: list, ids: list[int], warm_ids: list[int], args) -> list[dict]:
+    """Both implementations in turns, one timed unit each, the first alternating every round.
+
+    Load from other tenants of a shared machine then falls on both sides of each pair of
+    timings alike, which a sequential run (minutes apart at the real size) cannot promise.
+    Peak memory covers both models at once, so it is dropped.
+    """
+    gens = [stage_timings(r, ids, warm_ids, args) for r in runners]
+    results: list[dict | None] = [None] * len(gens)
+    turn = 0
+    while any(r is None for r in results):
+        order = list(range(len(gens)))
+        if turn % 2:
+            order.reverse()
+        for i in order:
+            if results[i] is None:
+                results[i] = _finish(gens[i])
+        turn += 1
+    for r in results:
+        r.pop("peak_memory_gb")
+    return results
+
+
+def paired_frame_ratios(ours: dict, theirs: dict) -> list[float]:
+    """Per timed frame: (flow + backbone step + codec per frame), ours over theirs, same round."""
+    o, t = ours["samples_ms"], theirs["samples_ms"]
+    return [(fo + so + ours["codec_ms_per_frame"]) / (ft + st + theirs["codec_ms_per_frame"])
+            for fo, so, ft, st in zip(o["flow"], o["backbone"], t["flow"], t["backbone"])]
 
 
 def measure_e2e(runner, ids: list[int], args) -> dict:
@@ -252,8 +316,14 @@ def _notes(args, real_layers: int, backend: dict) -> list[str]:
                  f"chunks / {args.chunk_frames}, mid-utterance")
     if args.e2e:
         notes.append("e2e: ours runs after the stage measurements, so its voice prefix is cached")
-    notes.append("peak_memory_gb: MLX peak over the timed request (weights included); each "
-                 "implementation is built, measured and freed before the next")
+    if args.interleave:
+        notes.append("interleaved: both models are held at once and timed in turns, one stage "
+                     "unit each (who goes first alternates), so load on a shared machine falls on "
+                     "both alike; no peak memory (it would cover both models); "
+                     "paired_total_ratios: per frame, ours over theirs within one round")
+    else:
+        notes.append("peak_memory_gb: MLX peak over the timed request (weights included); each "
+                     "implementation is built, measured and freed before the next")
     return notes
 
 
@@ -274,6 +344,14 @@ def run_impl(label: str, build, runner_cls, voice, ids, warm_ids, args) -> dict:
     return result
 
 
+THEIR_NOTES = [
+    "codec: mlx-audio streams without state, re-decoding up to 16 earlier frames per chunk",
+    "its flow transformer and codec compute in float32 whatever --dtype: its float32 noise and "
+    "codec latent promote each matmul with the weights",
+    "its semantic head runs in the model dtype (ours in float32)",
+]
+
+
 def run_theirs(params: dict, config, dtype, quantization, voice, ids, warm_ids, args) -> dict:
     """mlx-audio on the same weights; any failure is reported, not raised."""
     try:
@@ -282,10 +360,7 @@ def run_theirs(params: dict, config, dtype, quantization, voice, ids, warm_ids, 
         return {"error": f"mlx-audio is not importable ({e}); pip install mlx-audio"}
     from mlx_audio_runner import MlxAudioRunner, build_theirs
 
-    notes = ["codec: mlx-audio streams without state, re-decoding up to 16 earlier frames per chunk",
-             "its flow transformer and codec compute in float32 whatever --dtype: its float32 "
-             "noise and codec latent promote each matmul with the weights",
-             "its semantic head runs in the model dtype (ours in float32)"]
+    notes = list(THEIR_NOTES)
     if quantization:
         notes.append("quantized with our recipe (backbone linears; flow transformer if --q-acoustic)")
     try:
@@ -297,6 +372,34 @@ def run_theirs(params: dict, config, dtype, quantization, voice, ids, warm_ids, 
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
     out["notes"] = notes
     return out
+
+
+def run_interleaved(params: dict, config, dtype, quantization, voice, ids, warm_ids, args) -> dict:
+    """Both implementations built side by side and timed in turns (``measure_interleaved``)."""
+    from mlx_audio_runner import MlxAudioRunner, build_theirs
+
+    built = {}
+    for label, build in (("mlx-speech", lambda: build_ours(config, dtype, quantization, args.seed)),
+                         ("mlx-audio", lambda: build_theirs(params, config, dtype, quantization,
+                                                            args.seed))):
+        log(f"[{label}] building the model with random weights …")
+        start = time.perf_counter()
+        model = build()
+        built[label] = (model, {"setup_s": time.perf_counter() - start,
+                                "weights_gb": parameter_bytes(model) / 1e9})
+    runners = [OursRunner(built["mlx-speech"][0], voice, args.cfg_alpha),
+               MlxAudioRunner(built["mlx-audio"][0], voice, args.cfg_alpha)]
+    log(f"[both] measuring stages in turns (warm-up, prefill of {len(ids)} tokens, "
+        f"{args.frames} frames, codec) …")
+    ours, theirs = measure_interleaved(runners, ids, warm_ids, args)
+    if args.e2e:
+        for runner, out in zip(runners, (ours, theirs)):
+            log(f"[{runner.name}] measuring its streaming API …")
+            out.update(measure_e2e(runner, ids, args))
+    ours.update(built["mlx-speech"][1])
+    theirs.update(built["mlx-audio"][1])
+    theirs["notes"] = THEIR_NOTES
+    return {"ours": ours, "theirs": theirs}
 
 
 def ratios(ours: dict, theirs: dict) -> dict:
@@ -315,6 +418,8 @@ def summary(record: dict) -> str:
         t = f"{theirs[k]:12.2f}" if k in theirs else f"{'-':>12}"
         r = f"{ratio[k]:13.2f}" if k in ratio else f"{'-':>13}"
         rows.append(f"{k:<24}{ours[k]:12.2f}{t}{r}")
+    if "total_paired_median" in ratio:
+        rows.append(f"{'total, paired median':<48}{ratio['total_paired_median']:13.2f}")
     if "error" in theirs:
         rows.append(f"mlx-audio: {theirs['error']}")
     return "\n".join(rows)
@@ -335,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("layers", "frames", "first_chunk_frames", "chunk_frames", "codec_reps", "flow_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.interleave:
+        args.compare = True
+        try:
+            import mlx_audio.tts.models.voxtral_tts  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"--interleave needs mlx-audio ({e}); pip install mlx-audio")
     params = json.loads(Path(args.params).read_text())
     real_layers = params["n_layers"]
     params["n_layers"] = args.layers
@@ -371,13 +482,21 @@ def main(argv: list[str] | None = None) -> int:
         },
         "notes": _notes(args, real_layers, backend),
     }
-    record["ours"] = run_impl("mlx-speech", lambda: build_ours(config, dtype, quantization, args.seed),
-                              OursRunner, voice, ids, warm_ids, args)
-    if args.compare:
-        theirs = run_theirs(params, config, dtype, quantization, voice, ids, warm_ids, args)
-        record["theirs"] = theirs
-        if "error" not in theirs:
-            record["ratio_ours_over_theirs"] = ratios(record["ours"], theirs)
+    if args.interleave:
+        record["mode"] = "interleaved"
+        record.update(run_interleaved(params, config, dtype, quantization, voice, ids, warm_ids, args))
+    else:
+        record["mode"] = "sequential"
+        record["ours"] = run_impl("mlx-speech", lambda: build_ours(config, dtype, quantization, args.seed),
+                                  OursRunner, voice, ids, warm_ids, args)
+        if args.compare:
+            record["theirs"] = run_theirs(params, config, dtype, quantization, voice, ids, warm_ids, args)
+    theirs = record.get("theirs")
+    if theirs and "error" not in theirs:
+        record["ratio_ours_over_theirs"] = ratios(record["ours"], theirs)
+        paired = paired_frame_ratios(record["ours"], theirs)
+        record["paired_total_ratios"] = paired
+        record["ratio_ours_over_theirs"]["total_paired_median"] = statistics.median(paired)
     record = _round(record)
     text_out = json.dumps(record, indent=2)
     print(text_out)
