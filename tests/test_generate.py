@@ -52,6 +52,21 @@ def test_cfg_alpha_one_is_the_conditional_solve(model):
     np.testing.assert_allclose(np.array(head.sample_acoustic(h, x0, 7, 1.0)), np.array(x), atol=1e-5)
 
 
+
+def test_batched_cfg_solve_equals_two_plain_passes(model):
+    """The solve shares the first layer's repeated rows across branches and steps; for a batch
+    of two it must still equal separate conditional and unconditional ``velocity`` passes."""
+    head = model.acoustic_transformer
+    h = mx.random.normal((2, model.config.backbone.dim), key=mx.random.key(4))
+    x0 = mx.random.normal((2, 36), key=mx.random.key(5))
+    dts, time_tokens = head._schedule(7)
+    cond, x = head.llm_projection(h), x0
+    for k, dt in enumerate(dts):
+        tt = mx.broadcast_to(time_tokens[k], cond.shape)
+        v = 1.2 * head.velocity(x, tt, cond) - 0.2 * head.velocity(x, tt, mx.zeros_like(cond))
+        x = x + v * dt
+    np.testing.assert_allclose(np.array(head.sample_acoustic(h, x0, 7, 1.2)), np.array(x), atol=1e-5)
+
 def test_max_frames_ends_with_length(model):
     result = generate(model, TEXT, VOICE, seed=5, max_frames=3)
     assert result.finish_reason == "length"
