@@ -327,79 +327,96 @@ def _notes(args, real_layers: int, backend: dict) -> list[str]:
     return notes
 
 
-def run_impl(label: str, build, runner_cls, voice, ids, warm_ids, args) -> dict:
+def _build(label: str, build):
+    """Build one implementation's model; returns it with its setup time and weight size."""
     log(f"[{label}] building the model with random weights …")
     start = time.perf_counter()
     model = build()
-    result = {"setup_s": time.perf_counter() - start, "weights_gb": parameter_bytes(model) / 1e9}
+    return model, {"setup_s": time.perf_counter() - start, "weights_gb": parameter_bytes(model) / 1e9}
+
+
+def _measure_e2e_into(result: dict, runner, ids, args) -> None:
+    if args.e2e:
+        log(f"[{runner.name}] measuring its streaming API …")
+        result.update(measure_e2e(runner, ids, args))
+
+
+def run_impl(label: str, build, runner_cls, voice, ids, warm_ids, args) -> dict:
+    model, result = _build(label, build)
     runner = runner_cls(model, voice, args.cfg_alpha)
     log(f"[{label}] measuring stages (warm-up, prefill of {len(ids)} tokens, {args.frames} frames, codec) …")
     result.update(measure_stages(runner, ids, warm_ids, args))
-    if args.e2e:
-        log(f"[{label}] measuring its streaming API …")
-        result.update(measure_e2e(runner, ids, args))
+    _measure_e2e_into(result, runner, ids, args)
     del runner, model
     gc.collect()
     mx.clear_cache()
     return result
 
 
-THEIR_NOTES = [
-    "codec: mlx-audio streams without state, re-decoding up to 16 earlier frames per chunk",
-    "its flow transformer and codec compute in float32 whatever --dtype: its float32 noise and "
-    "codec latent promote each matmul with the weights",
-    "its semantic head runs in the model dtype (ours in float32)",
-]
+def _mlx_audio_missing() -> str | None:
+    """Why mlx-audio's Voxtral cannot be imported, or None when it can."""
+    try:
+        import mlx_audio.tts.models.voxtral_tts  # noqa: F401
+    except ImportError as e:
+        return f"mlx-audio is not importable ({e}); pip install mlx-audio"
+    return None
+
+
+def _their_notes(quantization) -> list[str]:
+    notes = ["codec: mlx-audio streams without state, re-decoding up to 16 earlier frames per chunk",
+             "its flow transformer and codec compute in float32 whatever --dtype: its float32 "
+             "noise and codec latent promote each matmul with the weights",
+             "its semantic head runs in the model dtype (ours in float32)"]
+    if quantization:
+        notes.append("quantized with our recipe (backbone linears; flow transformer if --q-acoustic)")
+    return notes
+
+
+def _builders(params: dict, config, dtype, quantization, args):
+    """(label, build) for ours and mlx-audio's, on the same seeded random weights."""
+    from mlx_audio_runner import build_theirs
+
+    return (("mlx-speech", lambda: build_ours(config, dtype, quantization, args.seed)),
+            ("mlx-audio", lambda: build_theirs(params, config, dtype, quantization, args.seed)))
 
 
 def run_theirs(params: dict, config, dtype, quantization, voice, ids, warm_ids, args) -> dict:
     """mlx-audio on the same weights; any failure is reported, not raised."""
-    try:
-        import mlx_audio.tts.models.voxtral_tts  # noqa: F401
-    except ImportError as e:
-        return {"error": f"mlx-audio is not importable ({e}); pip install mlx-audio"}
-    from mlx_audio_runner import MlxAudioRunner, build_theirs
+    if missing := _mlx_audio_missing():
+        return {"error": missing}
+    from mlx_audio_runner import MlxAudioRunner
 
-    notes = list(THEIR_NOTES)
-    if quantization:
-        notes.append("quantized with our recipe (backbone linears; flow transformer if --q-acoustic)")
+    label, build = _builders(params, config, dtype, quantization, args)[1]
     try:
-        out = run_impl("mlx-audio", lambda: build_theirs(params, config, dtype, quantization, args.seed),
-                       MlxAudioRunner, voice, ids, warm_ids, args)
+        out = run_impl(label, build, MlxAudioRunner, voice, ids, warm_ids, args)
     except Exception as e:  # fail soft: the comparison is optional, ours is already measured
         import traceback
 
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
-    out["notes"] = notes
+    out["notes"] = _their_notes(quantization)
     return out
 
 
 def run_interleaved(params: dict, config, dtype, quantization, voice, ids, warm_ids, args) -> dict:
     """Both implementations built side by side and timed in turns (``measure_interleaved``)."""
-    from mlx_audio_runner import MlxAudioRunner, build_theirs
+    from mlx_audio_runner import MlxAudioRunner
 
-    built = {}
-    for label, build in (("mlx-speech", lambda: build_ours(config, dtype, quantization, args.seed)),
-                         ("mlx-audio", lambda: build_theirs(params, config, dtype, quantization,
-                                                            args.seed))):
-        log(f"[{label}] building the model with random weights …")
-        start = time.perf_counter()
-        model = build()
-        built[label] = (model, {"setup_s": time.perf_counter() - start,
-                                "weights_gb": parameter_bytes(model) / 1e9})
-    runners = [OursRunner(built["mlx-speech"][0], voice, args.cfg_alpha),
-               MlxAudioRunner(built["mlx-audio"][0], voice, args.cfg_alpha)]
+    (ours_model, ours_setup), (their_model, their_setup) = (
+        _build(label, build) for label, build in _builders(params, config, dtype, quantization, args))
+    runners = [OursRunner(ours_model, voice, args.cfg_alpha),
+               MlxAudioRunner(their_model, voice, args.cfg_alpha)]
     log(f"[both] measuring stages in turns (warm-up, prefill of {len(ids)} tokens, "
         f"{args.frames} frames, codec) …")
     ours, theirs = measure_interleaved(runners, ids, warm_ids, args)
-    if args.e2e:
-        for runner, out in zip(runners, (ours, theirs)):
-            log(f"[{runner.name}] measuring its streaming API …")
-            out.update(measure_e2e(runner, ids, args))
-    ours.update(built["mlx-speech"][1])
-    theirs.update(built["mlx-audio"][1])
-    theirs["notes"] = THEIR_NOTES
-    return {"ours": ours, "theirs": theirs}
+    for runner, out in zip(runners, (ours, theirs)):
+        _measure_e2e_into(out, runner, ids, args)
+    ours.update(ours_setup)
+    theirs.update(their_setup)
+    theirs["notes"] = _their_notes(quantization)
+    record = {"ours": ours, "theirs": theirs}
+    # Only here are the frames of a pair timed in the same round; sequential runs have no pairs.
+    record["paired_total_ratios"] = paired_frame_ratios(ours, theirs)
+    return record
 
 
 def ratios(ours: dict, theirs: dict) -> dict:
@@ -442,10 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.interleave:
         args.compare = True
-        try:
-            import mlx_audio.tts.models.voxtral_tts  # noqa: F401
-        except ImportError as e:
-            raise SystemExit(f"--interleave needs mlx-audio ({e}); pip install mlx-audio")
+        if missing := _mlx_audio_missing():
+            raise SystemExit(f"--interleave: {missing}")
     params = json.loads(Path(args.params).read_text())
     real_layers = params["n_layers"]
     params["n_layers"] = args.layers
@@ -487,16 +502,16 @@ def main(argv: list[str] | None = None) -> int:
         record.update(run_interleaved(params, config, dtype, quantization, voice, ids, warm_ids, args))
     else:
         record["mode"] = "sequential"
-        record["ours"] = run_impl("mlx-speech", lambda: build_ours(config, dtype, quantization, args.seed),
-                                  OursRunner, voice, ids, warm_ids, args)
+        label, build = _builders(params, config, dtype, quantization, args)[0]
+        record["ours"] = run_impl(label, build, OursRunner, voice, ids, warm_ids, args)
         if args.compare:
             record["theirs"] = run_theirs(params, config, dtype, quantization, voice, ids, warm_ids, args)
     theirs = record.get("theirs")
     if theirs and "error" not in theirs:
         record["ratio_ours_over_theirs"] = ratios(record["ours"], theirs)
-        paired = paired_frame_ratios(record["ours"], theirs)
-        record["paired_total_ratios"] = paired
-        record["ratio_ours_over_theirs"]["total_paired_median"] = statistics.median(paired)
+        if "paired_total_ratios" in record:
+            record["ratio_ours_over_theirs"]["total_paired_median"] = statistics.median(
+                record["paired_total_ratios"])
     record = _round(record)
     text_out = json.dumps(record, indent=2)
     print(text_out)
