@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_speech.model import in_quant_recipe
 from random_weights import random_release_weights
 from runners import VOICE
 
@@ -34,28 +35,6 @@ def mlx_audio_version() -> str | None:
         return None
 
 
-def _predicate(quantization: dict):
-    """Our recipe on their module names: backbone linears, and the flow transformer's when asked.
-
-    (mlx-audio's own ``model_quant_predicate`` would also quantize the text embedding table and
-    the semantic head; using our recipe keeps the comparison like for like.)
-    """
-
-    def predicate(path: str, module: nn.Module) -> bool:
-        group = quantization.get("group_size", 64)
-        if not isinstance(module, nn.Linear) or module.weight.shape[-1] % group:
-            return False  # as ours: input_projection (36 inputs) cannot be grouped
-        if path.startswith("language_model."):
-            return True
-        return (
-            quantization.get("acoustic", False)
-            and path.startswith("acoustic_transformer.")
-            and "semantic_codebook_output" not in path
-        )
-
-    return predicate
-
-
 def build_theirs(params: dict, our_config, dtype: mx.Dtype, quantization: dict | None, seed: int = 0):
     """mlx-audio's Model on the same random weights as ``build_ours`` (same config, seed, dtype)."""
     from mlx_audio.tts.models.voxtral_tts import Model, ModelConfig
@@ -66,7 +45,10 @@ def build_theirs(params: dict, our_config, dtype: mx.Dtype, quantization: dict |
     del raw
     if quantization:
         nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                    class_predicate=_predicate(quantization))
+                    # our recipe on their names (their own model_quant_predicate would also
+                    # quantize the text embedding table and the semantic head): like for like
+                    class_predicate=lambda path, module: in_quant_recipe(
+                        quantization, path, module, backbone_prefix="language_model."))
     mx.eval(model.parameters())
     model.eval()
     return model

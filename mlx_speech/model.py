@@ -110,6 +110,26 @@ class ModelConfig:
         return self.codec.samples_per_frame
 
 
+def in_quant_recipe(quantization: dict, path: str, module: nn.Module,
+                    backbone_prefix: str = "backbone.") -> bool:
+    """Whether a quantization recipe covers the layer at ``path``: the backbone's linears (T35).
+
+    The codec, the embedding tables (text prompt and code feedback) and the fp32 semantic head
+    are never quantized; the flow-matching transformer's linears only when the recipe says
+    ``acoustic: true``. ``backbone_prefix`` names the backbone in another module tree (the
+    benchmark applies this recipe to mlx-audio's model).
+    """
+    if not isinstance(module, nn.Linear) or module.weight.shape[-1] % quantization.get("group_size", 64):
+        return False  # input_projection (36 inputs) cannot be grouped; it is tiny anyway
+    if path.startswith(backbone_prefix):
+        return True
+    return (
+        quantization.get("acoustic", False)
+        and path.startswith("acoustic_transformer.")
+        and "semantic_codebook_output" not in path
+    )
+
+
 class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -194,19 +214,5 @@ class Model(nn.Module):
         }
 
     def quant_predicate(self, path: str, module: nn.Module) -> bool:
-        """Which layers ``--quantize`` touches: the backbone's linear layers (T35).
-
-        The codec, the embedding tables (text prompt and code feedback) and the fp32 semantic
-        head are never quantized; the flow-matching transformer's linears only when the
-        recipe says ``acoustic: true``.
-        """
-        q = self.config.quantization or {}
-        if not isinstance(module, nn.Linear) or module.weight.shape[-1] % q.get("group_size", 64):
-            return False  # input_projection (36 inputs) cannot be grouped; it is tiny anyway
-        if path.startswith("backbone."):
-            return True
-        return (
-            q.get("acoustic", False)
-            and path.startswith("acoustic_transformer.")
-            and "semantic_codebook_output" not in path
-        )
+        """Which layers ``--quantize`` touches (``in_quant_recipe`` with this model's recipe)."""
+        return in_quant_recipe(self.config.quantization or {}, path, module)
