@@ -9,13 +9,14 @@ module names here, so no renaming is needed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import FromDict
 from .layers import FeedForward
 
 END_AUDIO = 1  # semantic code that ends generation
@@ -28,7 +29,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 @dataclass
-class AcousticConfig:
+class AcousticConfig(FromDict):
     dim: int = 3072
     input_dim: int = 3072  # width of the backbone hidden fed to llm_projection
     n_layers: int = 3
@@ -42,11 +43,6 @@ class AcousticConfig:
     n_acoustic_codebook: int = 36
     n_decoding_steps: int = 7  # absent from params.json; the reference defaults to 7 (T31)
     cfg_alpha: float = 1.2
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AcousticConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def semantic_head_size(self) -> int:

@@ -10,14 +10,16 @@ n_heads·head_dim (4096) ≠ dim (3072).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.llama import LlamaModel, ModelArgs
 
+from .config import FromDict
+
 
 @dataclass
-class BackboneConfig:
+class BackboneConfig(FromDict):
     dim: int = 3072
     n_layers: int = 26
     head_dim: int = 128
@@ -27,12 +29,6 @@ class BackboneConfig:
     rope_theta: float = 1_000_000.0
     norm_eps: float = 1e-5
     vocab_size: int = 131072
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BackboneConfig":
-        """Build from a params.json top level or our config.json section (unknown keys ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def make_backbone(config: BackboneConfig) -> LlamaModel:

@@ -7,12 +7,13 @@ transformer stages with sliding windows 2/4/8/16 between stride-2 transposed con
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .codec_layers import CausalConv1d, CausalConvTranspose1d, ConvState, KVWindow, TransformerStage
+from .config import FromDict
 
 # Frames decoded per internal step: bounds the attention bias at (H, 8·64, 8·64 + 16).
 DEFAULT_CHUNK_FRAMES = 64
@@ -55,7 +56,7 @@ def derive_window_sizes(
 
 
 @dataclass
-class CodecConfig:
+class CodecConfig(FromDict):
     dim: int = 1024
     hidden_dim: int = 4096
     head_dim: int = 128
@@ -86,11 +87,6 @@ class CodecConfig:
             raise ValueError(
                 f"conv_strides[0] must be 1 (decoder input conv), got {self.conv_strides[0]}."
             )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CodecConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_params(cls, args: dict) -> "CodecConfig":
