@@ -15,15 +15,20 @@ import uuid
 import numpy as np
 import soundfile as sf
 
-# Extension -> (libsndfile format, subtype). PCM_16 for wav/flac: what players expect.
-_FORMATS = {
-    ".wav": ("WAV", "PCM_16"),
-    ".flac": ("FLAC", "PCM_16"),
-    ".ogg": ("OGG", "VORBIS"),
+# Name -> (libsndfile format, subtype). PCM_16 for wav/flac: what players expect; "pcm" is
+# headerless 16-bit little-endian mono.
+_CODECS = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "ogg": ("OGG", "VORBIS"),
+    "pcm": ("RAW", "PCM_16"),
 }
 # MP3 writing exists only in libsndfile >= 1.1 builds with LAME; offer it only then.
 if "MP3" in sf.available_formats():
-    _FORMATS[".mp3"] = ("MP3", "MPEG_LAYER_III")
+    _CODECS["mp3"] = ("MP3", "MPEG_LAYER_III")
+
+# File extension -> codec, for write_audio (a headerless .pcm file is not offered).
+_FORMATS = {f".{n}": _CODECS[n] for n in ("wav", "flac", "ogg", "mp3") if n in _CODECS}
 
 
 def supported_extensions() -> list[str]:
@@ -186,14 +191,8 @@ def write_audio(path: str | os.PathLike, audio, sample_rate: int) -> None:
 
 
 # ---- in-memory encoding, for the server ---------------------------------------------------------
-# Name -> (libsndfile format, subtype). "pcm" is headerless 16-bit little-endian mono.
-_ENCODINGS = {
-    "wav": ("WAV", "PCM_16"),
-    "flac": ("FLAC", "PCM_16"),
-    "pcm": ("RAW", "PCM_16"),
-}
-if "MP3" in sf.available_formats():
-    _ENCODINGS["mp3"] = ("MP3", "MPEG_LAYER_III")
+# The server's response formats (as OpenAI's: no ogg).
+_ENCODINGS = {n: _CODECS[n] for n in ("wav", "flac", "pcm", "mp3") if n in _CODECS}
 
 
 def encodable_formats() -> list[str]:
