@@ -143,7 +143,11 @@ class FlowMatchingHead(nn.Module):
         return mx.concatenate([mx.cos(a), mx.sin(a)], axis=-1)
 
     def velocity(self, x: mx.array, time_tokens: mx.array, llm_tokens: mx.array) -> mx.array:
-        """One transformer pass. x (B, 36), time_tokens/llm_tokens (B, dim) already projected."""
+        """One plain transformer pass: x (B, 36); time and llm tokens (B, dim), already projected.
+
+        The reference form, one branch at a time; the solve uses ``_cfg_velocity``, which must
+        equal it (the parity and generation tests compare the two).
+        """
         seq = mx.stack([self.input_projection(x.astype(self.dtype)), time_tokens, llm_tokens], axis=1)
         return self._layers_from(0, seq)
 
@@ -180,12 +184,7 @@ class FlowMatchingHead(nn.Module):
         return self._layers_from(1, seq)
 
     def _schedule(self, steps: int):
-        """Time points, step sizes and projected time tokens for ``steps`` Euler steps."""
-        s = self._schedule_with_projections(steps)
-        return s[0], s[1]
-
-    def _schedule_with_projections(self, steps: int):
-        """``_schedule`` plus the first layer's queries, keys and values of each time token.
+        """Step sizes, projected time tokens and their first-layer (q, k, v) for ``steps`` steps.
 
         Computed once per step count and reused for every frame; recomputed only if a weight
         they come from is replaced (e.g. after loading or quantizing).
@@ -209,7 +208,7 @@ class FlowMatchingHead(nn.Module):
         self, h: mx.array, x0: mx.array, steps: int, cfg_alpha: float
     ) -> mx.array:
         """Integrate the flow from noise ``x0`` (B, 36) to the data end; returns x (B, 36) fp32."""
-        dts, time_tokens, time_qkv = self._schedule_with_projections(steps)
+        dts, time_tokens, time_qkv = self._schedule(steps)
         return self._solve(h, x0, mx.array(cfg_alpha, mx.float32), time_tokens, time_qkv, dts)
 
     def _solve(self, h, x0, cfg_alpha, time_tokens, time_qkv, dts):
@@ -250,7 +249,7 @@ class FlowMatchingHead(nn.Module):
         c = self.config
         steps = c.n_decoding_steps if steps is None else steps
         cfg_alpha = c.cfg_alpha if cfg_alpha is None else cfg_alpha
-        dts, time_tokens, time_qkv = self._schedule_with_projections(steps)
+        dts, time_tokens, time_qkv = self._schedule(steps)
         fn = self._compiled.get(steps)
         if fn is None:
             fn = mx.compile(partial(self._frame, dts=tuple(dts)), inputs=self.state)

@@ -48,7 +48,7 @@ def test_batched_cfg_solve_equals_plain_passes(model, alpha):
     head = model.acoustic_transformer
     h = mx.random.normal((2, model.config.backbone.dim), key=mx.random.key(1))
     x0 = mx.random.normal((2, 36), key=mx.random.key(2))
-    dts, time_tokens = head._schedule(7)
+    dts, time_tokens, _ = head._schedule(7)
     cond, x = head.llm_projection(h), x0
     for k, dt in enumerate(dts):
         tt = mx.broadcast_to(time_tokens[k], cond.shape)

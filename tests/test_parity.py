@@ -107,7 +107,7 @@ def test_e1_flow_trajectory(model, cases):
     c = cases["e1_flow_frame"]
     head = model.acoustic_transformer
     assert_close(mx.array(np.linspace(0, 1, 8, dtype=np.float32)), c["timesteps"])
-    dts, time_tokens = head._schedule(7)
+    dts, time_tokens, _ = head._schedule(7)
     cond = head.llm_projection(c["llm_hidden"])
     x = c["x0"]
     for k, dt in enumerate(dts):
