@@ -3,20 +3,38 @@
     import mlx_speech
     model = mlx_speech.load("mistralai/Voxtral-4B-TTS-2603")
     result = mlx_speech.generate(model, "Hello!", voice="neutral_female")
+
+Names are imported on first use: importing the package (as every ``python -m mlx_speech.*``
+command does) loads neither MLX nor mlx-lm, so ``--help`` and argument errors answer at once.
 """
 
-from .generation import GenerationResponse, GenerationResult, generate, stream_generate
-from .tokenizer import Tokenizer
-from .utils import load
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GenerationResponse",
-    "GenerationResult",
-    "Tokenizer",
-    "__version__",
-    "generate",
-    "load",
-    "stream_generate",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "GenerationResponse": "generation",
+    "GenerationResult": "generation",
+    "generate": "generation",
+    "stream_generate": "generation",
+    "Tokenizer": "tokenizer",
+    "load": "utils",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlx_speech' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -18,14 +18,16 @@ import numpy as np
 
 from .acoustic import END_AUDIO
 from .model import Model
-
-DEFAULT_VOICE = "neutral_female"
-DEFAULT_MAX_FRAMES = 2048  # 163.8 s of audio, the reference server's limit
-DEFAULT_CFG_ALPHA = 1.2
-DEFAULT_FLOW_STEPS = 7
-DEFAULT_FIRST_CHUNK_FRAMES = 1  # audio starts after the first frame (time to first audio)
-DEFAULT_CHUNK_FRAMES = 10
-DEFAULT_MAX_CHARS = 100_000  # about two hours of speech
+from .options import (  # noqa: F401  (re-exported: the defaults' historical home)
+    DEFAULT_CFG_ALPHA,
+    DEFAULT_CHUNK_FRAMES,
+    DEFAULT_FIRST_CHUNK_FRAMES,
+    DEFAULT_FLOW_STEPS,
+    DEFAULT_MAX_CHARS,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_VOICE,
+    check_text,
+)
 
 
 @dataclass
@@ -129,25 +131,6 @@ def generate_step(
         if codes[0, 0].item() == END_AUDIO:  # the one host sync per frame
             return
         yield codes[0]
-
-
-def check_text(text: str, max_chars: int | None = DEFAULT_MAX_CHARS) -> None:
-    """Raise ValueError for empty text, control characters (other than tab and line breaks), or
-    text over ``max_chars`` (naming its length and the limit)."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("text is empty; give some text to speak")
-    bad = next((i for i, c in enumerate(text) if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127), None)
-    if bad is not None:
-        raise ValueError(f"text holds the control character U+{ord(text[bad]):04X} at position {bad}; remove it")
-    if max_chars is not None:
-        if max_chars < 1:
-            raise ValueError(f"max_chars must be at least 1, got {max_chars}")
-        if len(text) > max_chars:
-            raise ValueError(
-                f"text is {len(text)} characters, over the limit of {max_chars} (max_chars); "
-                "shorten it or raise the limit"
-            )
-
 
 
 def _check_request(model: Model, text: str, voice: str, max_frames: int, flow_steps: int) -> list[int]:

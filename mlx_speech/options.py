@@ -1,0 +1,87 @@
+"""Generation options: their defaults, their valid ranges, and the one check of each.
+
+The library (``stream_generate``), the command line and the server all validate a request with
+these functions, so a value refused in one place is refused everywhere, with the same bounds.
+The module imports no MLX: the command line checks its arguments before the (slow) import of
+MLX and mlx-lm, so a typo costs well under a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Integral, Real
+
+DEFAULT_VOICE = "neutral_female"
+DEFAULT_MAX_FRAMES = 2048  # 163.8 s of audio, the reference server's limit
+DEFAULT_CFG_ALPHA = 1.2
+DEFAULT_FLOW_STEPS = 7
+DEFAULT_FIRST_CHUNK_FRAMES = 1  # audio starts after the first frame (time to first audio)
+DEFAULT_CHUNK_FRAMES = 10
+DEFAULT_MAX_CHARS = 100_000  # about two hours of speech
+
+# Valid ranges (inclusive). Guidance outside 0–10 only produces noise; each flow step is a full
+# transformer pass per frame, so the step count is bounded to keep one frame's work bounded.
+CFG_ALPHA_RANGE = (0.0, 10.0)
+FLOW_STEPS_RANGE = (1, 64)
+SEED_RANGE = (0, 2**64 - 1)  # what mx.random.key accepts
+
+
+def _plain(name: str) -> str:
+    return name
+
+
+def check_int(value, name: str, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in [lo, hi]; a bool, float or string is refused naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < lo or (hi is not None and value > hi):
+        span = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+    return int(value)
+
+
+def check_number(value, name: str, lo: float, hi: float) -> float:
+    """``value`` as a finite float in [lo, hi]; NaN, infinities and non-numbers are refused."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a finite number from {lo} to {hi}, got {value!r}")
+    return float(value)
+
+
+def check_options(
+    *,
+    cfg_alpha: float | None = None,
+    flow_steps: int | None = None,
+    max_frames: int | None = None,
+    seed: int | None = None,
+    name: Callable[[str], str] = _plain,
+) -> None:
+    """Raise ValueError for an option outside its range; None means "not given", always valid.
+
+    ``name`` turns the option's Python name into the one the user typed (the command line passes
+    ``lambda n: "--" + n.replace("_", "-")``), so messages name what the user can change.
+    """
+    if cfg_alpha is not None:
+        check_number(cfg_alpha, name("cfg_alpha"), *CFG_ALPHA_RANGE)
+    if flow_steps is not None:
+        check_int(flow_steps, name("flow_steps"), *FLOW_STEPS_RANGE)
+    if max_frames is not None:
+        check_int(max_frames, name("max_frames"), 1)
+    if seed is not None:
+        check_int(seed, name("seed"), *SEED_RANGE)
+
+
+def check_text(text: str, max_chars: int | None = DEFAULT_MAX_CHARS) -> None:
+    """Raise ValueError for empty text, control characters (other than tab and line breaks), or
+    text over ``max_chars`` (naming its length and the limit)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty; give some text to speak")
+    bad = next((i for i, c in enumerate(text) if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"text holds the control character U+{ord(text[bad]):04X} at position {bad}; remove it")
+    if max_chars is not None:
+        if max_chars < 1:
+            raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+        if len(text) > max_chars:
+            raise ValueError(
+                f"text is {len(text)} characters, over the limit of {max_chars} (max_chars); "
+                "shorten it or raise the limit"
+            )
