@@ -9,14 +9,19 @@ name at load time instead of failing (or speaking noise) on every request for it
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import file_error
 
 EMBEDDING_KEY = "embedding"
+CODES_KEY = "codes"
 # 1024 rows = 82 s of reference audio; presets have 67–218, a 16 s clone 202.
 MAX_VOICE_ROWS = 1024
 MAX_VOICE_FILE_BYTES = 64 << 20
@@ -50,6 +55,16 @@ def read_voice_file(path: str | os.PathLike, dim: int, rows: int | None = None) 
     """The checked ``embedding`` of a voice file and its metadata (``{}`` if it has none).
 
     Raises:
+        CheckpointError: see ``_read_checked``.
+    """
+    tensors, metadata = _read_checked(path, dim, rows)
+    return tensors[EMBEDDING_KEY], metadata
+
+
+def _read_checked(path, dim: int, rows: int | None) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """Every tensor of a voice file, its ``embedding`` checked, and its metadata.
+
+    Raises:
         CheckpointError: not a regular file, too large, not safetensors (e.g. a renamed pickle),
             no ``embedding`` tensor, or an embedding ``check_voice_embedding`` refuses.
     """
@@ -72,7 +87,65 @@ def read_voice_file(path: str | os.PathLike, dim: int, rows: int | None = None) 
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:
         raise file_error(path, f"unreadable voice file ({e})") from None
-    embedding = tensors[EMBEDDING_KEY]
-    check_voice_embedding(embedding, dim, path, rows)
-    return embedding, dict(metadata or {})
+    check_voice_embedding(tensors[EMBEDDING_KEY], dim, path, rows)
+    return tensors, dict(metadata or {})
 
+
+
+@dataclass
+class Voice:
+    """A voice to speak with: its input-embedding rows, and how it was made.
+
+    Attributes:
+        embedding: float32 (rows, dim), the rows placed at the prompt's ``[AUDIO]`` slots.
+        codes: (rows - 1, 37) int32 codes with the +2 offset that the rows were summed from
+            (``voice_codes.codes_to_voice``), or None for a voice known only by its rows.
+        metadata: free-form strings saved with the file (source duration, steps, loss, model id…).
+        name: what listings call it (a file's stem when read from a file).
+    """
+
+    embedding: np.ndarray
+    codes: np.ndarray | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.embedding.shape[0])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (a ``.safetensors`` file) atomically: a temporary file, then a rename.
+
+        Keys ``embedding`` (float32) and, when known, ``codes`` (int32); metadata values are
+        stored as strings.
+        """
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"voice file {path} must end in .safetensors")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"folder {path.parent} does not exist")
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give a file name ending in .safetensors")
+        tensors = {EMBEDDING_KEY: mx.array(np.asarray(self.embedding, np.float32))}
+        if self.codes is not None:
+            tensors[CODES_KEY] = mx.array(np.asarray(self.codes, np.int32))
+        metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
+        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.safetensors")
+        try:
+            mx.save_safetensors(str(tmp), tensors, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dim: int) -> "Voice":
+        """Read and check a voice file (see ``read_voice_file``) for a model of width ``dim``."""
+        tensors, metadata = _read_checked(path, dim, None)
+        embedding, codes = tensors[EMBEDDING_KEY], tensors.get(CODES_KEY)
+        # The codes are informative only (speaking uses the rows): kept when they fit the rows.
+        fits = codes is not None and codes.ndim == 2 and codes.shape[0] == embedding.shape[0] - 1 \
+            and mx.issubdtype(codes.dtype, mx.integer)
+        codes = np.array(codes, np.int32) if fits else None
+        return cls(np.array(embedding.astype(mx.float32)), codes, metadata, Path(path).stem)
