@@ -224,12 +224,20 @@ def test_stack_global_protocol4_is_refused(tmp_path):
     _assert_refused(path, f"{os.getcwd.__module__}.getcwd")
 
 
-def test_foreign_class_and_other_storage_types_are_refused(tmp_path):
+def test_foreign_class_is_refused(tmp_path):
     body = _global("__main__", "Foo") + b")R"
     _assert_refused(_write_pt(tmp_path / "foo.pt", _pickle(body), {}), "__main__.Foo")
 
+
+def test_other_storage_dtypes_are_unsupported_not_unsafe(tmp_path):
+    # torch's own storage classes are harmless: the message is about the dtype, not an attack.
     pkl = _pickle(_tensor_ops("LongStorage", "0", 2, 0, (2,), (1,)))
-    _assert_refused(_write_pt(tmp_path / "long.pt", pkl, {"0": bytes(16)}), "torch.LongStorage")
+    path = _write_pt(tmp_path / "long.pt", pkl, {"0": bytes(16)})
+    with pytest.raises(PtFormatError, match=r"torch.LongStorage: dtype int64 is not supported "
+                                            r"\(bfloat16, float16, float32 are\)") as info:
+        read_pt_tensor(path)
+    assert not isinstance(info.value, UnsafePickleError)
+    assert str(path) in str(info.value)
 
 
 def test_dict_of_tensors_is_refused(tmp_path):
