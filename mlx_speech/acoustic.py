@@ -226,12 +226,30 @@ class FlowMatchingHead(nn.Module):
         return x
 
     def quantize_levels(self, x: mx.array) -> mx.array:
-        """FSQ: continuous x → integer levels 0..20 (before the +2 offset)."""
+        """FSQ: continuous x → integer levels 0..20 (before the +2 offset), for any float input.
+
+        The codes index embedding tables, and MLX gathers are not bounds-checked, so nothing may
+        leave 0..20: ``clip`` passes NaN through and the int32 cast makes it −2³¹ on the CPU
+        (S2). NaN is mapped to 0.0 (the middle level) first, so the result is the same on every
+        backend, and the integer codes are clipped after the cast as the guarantee. Finite
+        inputs get exactly the levels they had.
+        """
         levels = self.config.acoustic_codebook_size - 1
-        return mx.round((mx.clip(x, -1.0, 1.0) + 1.0) / 2.0 * levels).astype(mx.int32)
+        x = mx.clip(mx.nan_to_num(x, nan=0.0), -1.0, 1.0)
+        return mx.clip(mx.round((x + 1.0) / 2.0 * levels).astype(mx.int32), 0, levels)
+
+    def semantic_code(self, h: mx.array) -> mx.array:
+        """Greedy semantic code (B,) int32: END_AUDIO or a codebook entry + 2, for any input.
+
+        argmax already returns an index inside the head; a row with no finite valid logit (a
+        non-finite hidden state) would give EMPTY_AUDIO, which the codec cannot decode, so codes
+        are clipped to [END_AUDIO, last codebook entry]: such a row ends the utterance.
+        """
+        semantic = mx.argmax(self.semantic_logits(h), axis=-1).astype(mx.int32)
+        return mx.clip(semantic, END_AUDIO, self.config.semantic_codebook_size + CODE_OFFSET - 1)
 
     def _frame(self, h, x0, cfg_alpha, time_tokens, time_qkv, dts):
-        semantic = mx.argmax(self.semantic_logits(h), axis=-1).astype(mx.int32)
+        semantic = self.semantic_code(h)
         x = self._solve(h, x0, cfg_alpha, time_tokens, time_qkv, dts)
         acoustic = self.quantize_levels(x) + CODE_OFFSET
         # An END_AUDIO frame carries EMPTY_AUDIO acoustic codes (it is never decoded or fed back).
