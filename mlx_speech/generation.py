@@ -25,9 +25,13 @@ from .options import (  # noqa: F401  (re-exported: the defaults' historical hom
     DEFAULT_FLOW_STEPS,
     DEFAULT_MAX_CHARS,
     DEFAULT_MAX_FRAMES,
+    DEFAULT_PREFILL_STEP,
     DEFAULT_VOICE,
+    check_int,
+    check_options,
     check_text,
 )
+from .prompt_cache import cancelled, prefill
 
 
 @dataclass
@@ -84,8 +88,10 @@ def generate_step(
     noise: mx.array | None = None,
     cfg_alpha: float = DEFAULT_CFG_ALPHA,
     flow_steps: int = DEFAULT_FLOW_STEPS,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    cancel=None,
 ) -> Iterator[mx.array]:
-    """Yield the codes (37,) of each frame until [END_AUDIO] or ``max_frames``.
+    """Yield the codes (37,) of each frame until [END_AUDIO], ``max_frames`` or ``cancel``.
 
     Args:
         model: the loaded model.
@@ -98,10 +104,15 @@ def generate_step(
             (replaces the seeded noise; for tests against reference outputs).
         cfg_alpha: classifier-free guidance strength (1.0 = conditional only).
         flow_steps: Euler steps of the flow-matching solve.
+        prefill_step_size: prompt positions per backbone call while prefilling (``prefill``).
+        cancel: an object with ``is_set()`` (e.g. ``threading.Event``), checked before every
+            prefill chunk and every frame; once set the generator returns.
 
     Yields:
         mx.array (37,) int32 codes with the +2 offset. The [END_AUDIO] frame is not yielded.
     """
+    check_options(cfg_alpha=cfg_alpha, flow_steps=flow_steps, max_frames=max_frames, seed=seed,
+                  prefill_step_size=prefill_step_size)
     n_acoustic = model.config.acoustic.n_acoustic_codebook
     if noise is not None and (noise.ndim != 2 or noise.shape[0] < max_frames or noise.shape[1] != n_acoustic):
         raise ValueError(
@@ -114,8 +125,10 @@ def generate_step(
     if done >= prompt_embeddings.shape[0]:
         raise ValueError(f"the cache already holds {done} positions; the prompt has {prompt_embeddings.shape[0]}")
     # Frame 0 comes straight from the prefill's last hidden state (no extra [AUDIO] step, T1).
-    h = model(prompt_embeddings[None, done:], cache)[:, -1]
+    h = prefill(model, prompt_embeddings[done:], cache, prefill_step_size, cancel)
     for i in range(max_frames):
+        if h is None or cancelled(cancel):
+            return
         if noise is not None:
             x0 = noise[i : i + 1]
         else:
@@ -133,12 +146,14 @@ def generate_step(
         yield codes[0]
 
 
-def _check_request(model: Model, text: str, voice: str, max_frames: int, flow_steps: int) -> list[int]:
+def _check_request(model: Model, text: str, voice: str, *, max_frames, cfg_alpha, flow_steps, seed,
+                   first_chunk_frames, chunk_frames, prefill_step_size) -> list[int]:
+    """Every option of a ``stream_generate`` request checked (ValueError naming it); the prompt ids."""
     check_text(text, None)
-    if max_frames < 1:
-        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
-    if flow_steps < 1:
-        raise ValueError(f"flow_steps must be at least 1, got {flow_steps}")
+    check_options(cfg_alpha=cfg_alpha, flow_steps=flow_steps, max_frames=max_frames, seed=seed,
+                  prefill_step_size=prefill_step_size)
+    check_int(first_chunk_frames, "first_chunk_frames", 1)
+    check_int(chunk_frames, "chunk_frames", 1)
     model.voice(voice)  # unknown voice → ValueError listing the valid ones
     ids = model.tokenizer.encode_speech(text, voice)
     context = model.config.max_seq_len
@@ -163,6 +178,8 @@ def stream_generate(
     first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
     chunk_frames: int = DEFAULT_CHUNK_FRAMES,
     use_voice_cache: bool = True,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    cancel=None,
 ) -> Iterator[GenerationResponse]:
     """Speak ``text`` and yield audio chunks as soon as frames exist.
 
@@ -170,23 +187,31 @@ def stream_generate(
         model: a model from ``mlx_speech.load``.
         text: what to say (no normalization is applied).
         voice: a preset voice name (``model.voices``).
-        seed, noise, max_frames, cfg_alpha, flow_steps: see ``generate_step``.
+        seed, noise, max_frames, cfg_alpha, flow_steps, prefill_step_size: see
+            ``generate_step``; every option is checked (``options.check_options``) before any
+            work, with a ValueError naming it.
         first_chunk_frames: frames in the first chunk (small, for a fast first sound).
         chunk_frames: frames in each later chunk.
         use_voice_cache: start from the voice's cached prompt-prefix KV state
             (``model.voice_cache``), computing it on the voice's first use.
+        cancel: an object with ``is_set()`` (e.g. ``threading.Event``), checked between prefill
+            chunks and between frames; once it is set the generator returns without further
+            responses (no final one either).
 
     Yields:
         ``GenerationResponse`` per chunk; the last one has ``finish_reason`` set. The codec
         keeps its streaming state between chunks, so the concatenated chunks equal the
         one-shot decode of all frames.
     """
-    if first_chunk_frames < 1 or chunk_frames < 1:
-        raise ValueError(f"chunk sizes must be at least 1, got {first_chunk_frames} and {chunk_frames}")
     start = time.perf_counter()
-    ids = _check_request(model, text, voice, max_frames, flow_steps)
+    ids = _check_request(model, text, voice, max_frames=max_frames, cfg_alpha=cfg_alpha, flow_steps=flow_steps,
+                         seed=seed, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames,
+                         prefill_step_size=prefill_step_size)
     embeddings = model.prompt_embeddings(mx.array(ids), model.voice(voice))
-    cache = model.voice_cache.prefill(model, voice, ids, embeddings)[0] if use_voice_cache else None
+    cache = None
+    if use_voice_cache:
+        cache = model.voice_cache.prefill(model, voice, ids, embeddings, step_size=prefill_step_size,
+                                          cancel=cancel)[0]
     codec_cache = model.audio_tokenizer.make_cache()
     sr, spf = model.config.sample_rate, model.config.samples_per_frame
     frames, pending = 0, []
@@ -210,14 +235,19 @@ def stream_generate(
         )
 
     steps = generate_step(model, embeddings, cache=cache, max_frames=max_frames, seed=seed, noise=noise,
-                          cfg_alpha=cfg_alpha, flow_steps=flow_steps)
+                          cfg_alpha=cfg_alpha, flow_steps=flow_steps, prefill_step_size=prefill_step_size,
+                          cancel=cancel)
     for codes in steps:
         pending.append(codes)
         frames += 1
         if frames == max_frames:
             break
         if len(pending) >= (first_chunk_frames if frames == len(pending) else chunk_frames):
+            if cancelled(cancel):
+                return
             yield respond(None)
+    if cancelled(cancel):
+        return
     yield respond("length" if frames == max_frames else "stop")
 
 

@@ -6,8 +6,10 @@ any length (the CLI and the server use it for every request):
 1. ``split_text`` cuts the text into pieces of at most ``chunk_chars`` characters (the first piece
    at most ``first_chunk_chars`` when a sentence ends by then, so the first prompt is short). A cut
    is made, in order of preference, at a paragraph break (always), a sentence end or line break,
-   a clause mark (``, ; :`` or a dash), a space; never inside a word. A word longer than the limit
-   stays whole.
+   a clause mark (``, ; :`` or a dash), a space; never inside a word. Text with no space within the
+   limit (CJK without punctuation, a URL, base64, emoji) is cut between two characters, keeping
+   character clusters (combining marks, ZWJ emoji sequences, flags) whole, so no piece is ever
+   longer than the limit: every prompt is bounded and work grows linearly with the text.
 2. Every piece is checked before any audio is made: its prompt plus ``max_frames`` must fit the
    model's context (a piece that does not is cut again, down to single words).
 3. Piece ``i`` is spoken by ``stream_generate`` with the same voice and ``chunk_seed(seed, i)``:
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,6 +42,8 @@ from .generation import (
     stream_generate,
 )
 from .model import Model
+from .options import check_options
+from .prompt_cache import cancelled
 
 DEFAULT_CHUNK_CHARS = 400  # about 25 s of speech per prompt
 DEFAULT_FIRST_CHUNK_CHARS = 120
@@ -57,6 +62,8 @@ _SENTENCE = re.compile(
 )
 _CLAUSE = re.compile(r"(?<=[,;:，、،—–])\s+|(?<=\s-)\s+|(?<=[.!?…])\s+")
 _SPACE = re.compile(r"\s+")
+# The options of ``stream_generate`` that ``check_options`` knows, checked before any piece.
+_OPTIONS = ("cfg_alpha", "flow_steps", "max_frames", "prefill_step_size")
 
 
 @dataclass
@@ -88,6 +95,61 @@ def _cut(text: str, start: int, limit: int, patterns) -> tuple[int, int] | None:
     return None
 
 
+_ZWJ = "\u200d"
+_VIRAMA = 9  # canonical combining class of Indic viramas: the next consonant joins the cluster
+
+
+def _joins_next(c: str) -> bool:
+    """Whether ``c`` belongs to the character cluster after it (ZWJ, virama, a lone high surrogate)."""
+    return c == _ZWJ or unicodedata.combining(c) == _VIRAMA or "\ud800" <= c <= "\udbff"
+
+
+def _extends_previous(c: str) -> bool:
+    """Whether ``c`` belongs to the character cluster before it: combining marks (accents,
+    Indic vowel signs, enclosing keycaps), ZWJ, variation selectors, emoji skin-tone modifiers,
+    emoji tag characters (subdivision flags) and low surrogates."""
+    o = ord(c)
+    return (
+        unicodedata.category(c) in ("Mn", "Mc", "Me")
+        or c == _ZWJ
+        or 0xFE00 <= o <= 0xFE0F or 0xE0100 <= o <= 0xE01EF  # variation selectors
+        or 0x1F3FB <= o <= 0x1F3FF  # skin tones
+        or 0xE0020 <= o <= 0xE007F  # tags
+        or 0xDC00 <= o <= 0xDFFF  # low surrogate
+    )
+
+
+def _is_regional_indicator(c: str) -> bool:
+    return 0x1F1E6 <= ord(c) <= 0x1F1FF
+
+
+def _cluster_boundary(text: str, i: int) -> bool:
+    """Whether cutting between text[i-1] and text[i] keeps every character cluster whole (a
+    cheap approximation of Unicode grapheme clusters: marks, ZWJ emoji sequences, skin tones,
+    keycaps, flags, surrogate pairs)."""
+    before, after = text[i - 1], text[i]
+    if _joins_next(before) or _extends_previous(after):
+        return False
+    if _is_regional_indicator(before) and _is_regional_indicator(after):
+        run = 0  # flags are pairs of regional indicators, counted from the start of the run
+        while i - run - 1 >= 0 and _is_regional_indicator(text[i - run - 1]):
+            run += 1
+        return run % 2 == 0
+    return True
+
+
+def _hard_cut(text: str, start: int, limit: int) -> int:
+    """Where to cut a run of ``limit`` or more characters with no space (CJK, a URL, base64, emoji).
+
+    The last cluster boundary within the limit; if a single cluster is longer than the limit
+    (e.g. hundreds of stacked marks), the limit itself, so no piece ever exceeds it.
+    """
+    for i in range(start + limit, start, -1):
+        if _cluster_boundary(text, i):
+            return i
+    return start + limit
+
+
 def _split_paragraph(text: str, chunk_chars: int, first_chars: int | None) -> list[str]:
     pieces, start = [], 0
     while start < len(text):
@@ -104,9 +166,9 @@ def _split_paragraph(text: str, chunk_chars: int, first_chars: int | None) -> li
             first_chars = None
         if cut is None:
             cut = _cut(text, start, chunk_chars, [_SENTENCE, _CLAUSE, _SPACE])
-        if cut is None:  # one word longer than the limit: it stays whole
-            m = _SPACE.search(text, start + chunk_chars)
-            cut = m.span() if m is not None else (len(text), len(text))
+        if cut is None:  # no space within the limit: cut between two characters
+            end = _hard_cut(text, start, chunk_chars)
+            cut = (end, end)
         pieces.append(text[start : cut[0]])
         start = cut[1]
     return [p.strip() for p in pieces if p.strip()]
@@ -121,7 +183,7 @@ def split_text(
 
     Args:
         text: the text; pieces are stripped slices of it (inner whitespace is kept).
-        chunk_chars: the longest piece, unless a single word is longer.
+        chunk_chars: the longest piece; a longer run without spaces is cut between characters.
         first_chunk_chars: the first piece ends at the last sentence end within this many
             characters (or at the first sentence end within ``chunk_chars``); None: no special
             first piece.
@@ -220,6 +282,7 @@ def stream_generate_long(
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     first_chunk_chars: int | None = DEFAULT_FIRST_CHUNK_CHARS,
     crossfade_ms: float = DEFAULT_CROSSFADE_MS,
+    cancel=None,
     **kwargs,
 ) -> Iterator[LongGenerationResponse]:
     """Speak text of any length, streamed: ``stream_generate`` piece by piece, crossfaded.
@@ -232,14 +295,18 @@ def stream_generate_long(
         max_chars: refuse longer text with a ValueError naming both numbers (None: no limit).
         chunk_chars, first_chunk_chars: piece sizes (see ``split_text``).
         crossfade_ms: overlap between consecutive pieces (equal-power), 0 to butt-join.
+        cancel: an object with ``is_set()`` (e.g. ``threading.Event``), checked between prefill
+            chunks and frames of every piece; once set the generator returns without further
+            responses.
         **kwargs: passed to ``stream_generate`` for every piece (``max_frames`` is per piece).
 
     Yields:
         ``LongGenerationResponse`` chunks whose audio concatenates to the final signal. Every
-        piece is checked before the first chunk (see ``plan_pieces``).
+        piece and every option is checked before the first chunk (see ``plan_pieces``).
     """
-    if crossfade_ms < 0:
-        raise ValueError(f"crossfade_ms must be >= 0, got {crossfade_ms}")
+    if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, (int, float)) or not crossfade_ms >= 0:
+        raise ValueError(f"crossfade_ms must be >= 0, got {crossfade_ms!r}")
+    check_options(seed=seed, **{k: kwargs[k] for k in _OPTIONS if k in kwargs})
     planned = plan_pieces(model, text, voice, max_chars=max_chars, chunk_chars=chunk_chars,
                           first_chunk_chars=first_chunk_chars,
                           max_frames=kwargs.get("max_frames", DEFAULT_MAX_FRAMES))
@@ -253,7 +320,9 @@ def stream_generate_long(
     for i, (piece, _) in enumerate(planned):
         last_piece = i == len(planned) - 1
         joining, head, codes = i > 0, [], []
-        for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), **kwargs):
+        if cancelled(cancel):
+            return
+        for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), cancel=cancel, **kwargs):
             codes.append(r.codes)
             if joining:  # gather enough of this piece's start to cross the held tail
                 head.append(r.audio)

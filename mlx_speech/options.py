@@ -19,6 +19,10 @@ DEFAULT_FLOW_STEPS = 7
 DEFAULT_FIRST_CHUNK_FRAMES = 1  # audio starts after the first frame (time to first audio)
 DEFAULT_CHUNK_FRAMES = 10
 DEFAULT_MAX_CHARS = 100_000  # about two hours of speech
+# Prompt positions per backbone call while prefilling (mlx-lm's prefill_step_size): attention
+# scores are at most this × the positions so far, not prompt × prompt, and the KV cache is
+# evaluated between calls, so a long prompt costs time and memory in proportion to its length.
+DEFAULT_PREFILL_STEP = 512
 
 # Valid ranges (inclusive). Guidance outside 0–10 only produces noise; each flow step is a full
 # transformer pass per frame, so the step count is bounded to keep one frame's work bounded.
@@ -52,6 +56,7 @@ def check_options(
     flow_steps: int | None = None,
     max_frames: int | None = None,
     seed: int | None = None,
+    prefill_step_size: int | None = None,
     name: Callable[[str], str] = _plain,
 ) -> None:
     """Raise ValueError for an option outside its range; None means "not given", always valid.
@@ -67,6 +72,8 @@ def check_options(
         check_int(max_frames, name("max_frames"), 1)
     if seed is not None:
         check_int(seed, name("seed"), *SEED_RANGE)
+    if prefill_step_size is not None:
+        check_int(prefill_step_size, name("prefill_step_size"), 1)
 
 
 def check_text(text: str, max_chars: int | None = DEFAULT_MAX_CHARS) -> None:

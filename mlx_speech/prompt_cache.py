@@ -1,4 +1,9 @@
-"""Voice-prefix KV cache: prefill the voice once, start every request from a copy.
+"""Prompt → backbone KV cache: chunked prefill, and the voice-prefix cache built on it.
+
+``prefill`` runs a prompt through the backbone a bounded number of positions per call (mlx-lm's
+``prefill_step_size`` pattern), so a long prompt costs time and memory in proportion to its
+length, and a cancel flag is honoured between calls. ``generate_step`` and the voice-prefix cache
+both prefill with it.
 
 Every prompt begins ``[BOS] [BEGIN_AUDIO] [AUDIO]×N`` with the N voice rows in the [AUDIO]
 slots (spec §4.1), identical for every request with the same voice. That prefix is 67–218
@@ -14,7 +19,45 @@ from collections import OrderedDict
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from .options import DEFAULT_PREFILL_STEP
+
 DEFAULT_MAX_VOICES = 8  # about 23 MB each at the real size in bfloat16
+
+
+def cancelled(cancel) -> bool:
+    """Whether a cancel flag (anything with ``is_set()``, e.g. ``threading.Event``; None: never) is set."""
+    return cancel is not None and cancel.is_set()
+
+
+def prefill(model, embeddings: mx.array, cache: list, step_size: int = DEFAULT_PREFILL_STEP,
+            cancel=None) -> mx.array | None:
+    """Run prompt embeddings (L, dim) through the backbone into ``cache``, ``step_size`` at a time.
+
+    Each call attends from at most ``step_size`` new positions to the cache, so attention scores
+    are step × positions-so-far rather than L × L. Between calls the cache is evaluated and MLX's
+    buffer cache cleared (as mlx-lm's ``generate_step`` does), so each chunk's graph and
+    temporaries are freed before the next. ``cancel`` is checked before every call.
+
+    Returns:
+        The last position's final-normed hidden state (1, dim), not yet evaluated; None if
+        ``cancel`` was set (the cache then holds the chunks done so far).
+    """
+    if step_size < 1:
+        raise ValueError(f"prefill_step_size must be at least 1, got {step_size}")
+    total = embeddings.shape[0]
+    if total < 1:
+        raise ValueError("nothing to prefill: the prompt embeddings are empty")
+    start = 0
+    while True:
+        if cancelled(cancel):
+            return None
+        end = min(total, start + step_size)
+        hidden = model(embeddings[None, start:end], cache)
+        if end == total:
+            return hidden[:, -1]
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        start = end
 
 
 def voice_prefix_length(ids: list[int], audio_id: int) -> int:
@@ -46,12 +89,15 @@ class VoicePrefixCache:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for entry in self._entries.values() for k, v in entry)
 
-    def prefill(self, model, voice: str, ids: list[int], embeddings: mx.array) -> tuple[list[KVCache], int]:
+    def prefill(self, model, voice: str, ids: list[int], embeddings: mx.array, *,
+                step_size: int = DEFAULT_PREFILL_STEP, cancel=None) -> tuple[list[KVCache], int]:
         """A fresh KV cache holding the voice prefix of ``ids``, and that prefix's length.
 
         ``embeddings`` are the prompt's (L, dim) input embeddings with ``voice``'s rows in
         place; the caller prefills ``embeddings[length:]`` on top of the returned cache.
         Entries are keyed by voice name and prefix ids; ``Model.set_voices`` clears them.
+        A new prefix is prefilled in chunks of ``step_size`` (see ``prefill``); if ``cancel``
+        is set meanwhile nothing is stored and an empty cache (length 0) is returned.
         """
         n = voice_prefix_length(ids, model.config.audio_token_id)
         if n == 0 or self.max_voices == 0:
@@ -61,7 +107,8 @@ class VoicePrefixCache:
         if entry is None:
             self.misses += 1
             cache = model.make_cache()
-            model(embeddings[None, :n], cache)
+            if prefill(model, embeddings[:n], cache, step_size, cancel) is None:
+                return model.make_cache(), 0
             entry = [(c.keys[..., :n, :], c.values[..., :n, :]) for c in cache]
             mx.eval(entry)
             self._entries[key] = entry

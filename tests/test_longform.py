@@ -75,10 +75,54 @@ def test_without_sentence_ends_cuts_fall_back_to_commas_then_spaces():
     assert words(pieces) == spaces.split() and all(len(p) <= 50 for p in pieces)
 
 
-def test_a_word_longer_than_the_limit_is_never_cut():
+def test_a_word_longer_than_the_limit_is_cut_between_characters():
     text = "short " + "x" * 30 + " tail end"
     pieces = split_text(text, chunk_chars=10, first_chunk_chars=None)
-    assert "x" * 30 in pieces and words(pieces) == text.split()
+    assert pieces == ["short", "x" * 10, "x" * 10, "x" * 10, "tail end"]
+
+
+# Character clusters that must stay whole: a skin-toned emoji, a ZWJ family, a flag (two regional
+# indicators), a keycap (digit, VS16, enclosing mark), a subdivision flag (tag characters), a
+# decomposed accent, a Devanagari conjunct (virama) with a vowel sign, a CJK character, a letter.
+CLUSTERS = ["\U0001F44D\U0001F3FD", "\U0001F468\u200d\U0001F469\u200d\U0001F467", "\U0001F1EB\U0001F1F7",
+            "1\ufe0f\u20e3", "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F",
+            "e\u0301", "\u0915\u094d\u0937\u093f", "\u4e2d", "a"]
+
+
+@pytest.mark.parametrize("limit", [1, 7, 37, 400])
+def test_text_without_spaces_is_cut_between_clusters_never_inside(limit):
+    rng = np.random.default_rng(limit)
+    clusters = [CLUSTERS[i] for i in rng.integers(0, len(CLUSTERS), 600)]
+    text = "".join(clusters)
+    boundaries = set(np.cumsum([len(c) for c in clusters]).tolist())
+    pieces = split_text(text, chunk_chars=limit, first_chunk_chars=None)
+    assert "".join(pieces) == text  # nothing lost, nothing added
+    longest = max(map(len, CLUSTERS))
+    assert all(len(p) <= max(limit, longest) for p in pieces)
+    ends = np.cumsum([len(p) for p in pieces]).tolist()
+    if limit >= longest:  # a cut inside a cluster only where one cluster exceeds the limit
+        assert set(ends) <= boundaries
+    # Greedy: each piece but the last ends at the last boundary that fits (within one cluster).
+    assert all(len(p) > limit - longest for p in pieces[:-1])
+
+
+def test_flags_pair_regional_indicators_from_the_start_of_the_run():
+    flags = "\U0001F1EB\U0001F1F7\U0001F1E9\U0001F1EA\U0001F1EE\U0001F1F9" * 10  # FR DE IT, 30 flags
+    pieces = split_text(flags, chunk_chars=5, first_chunk_chars=None)
+    assert "".join(pieces) == flags and all(len(p) in (2, 4) for p in pieces)
+
+
+def test_one_cluster_longer_than_the_limit_is_still_bounded():
+    zalgo = "a" + "\u0301" * 100 + "b"
+    pieces = split_text(zalgo, chunk_chars=10, first_chunk_chars=None)
+    assert "".join(pieces) == zalgo and all(len(p) <= 10 for p in pieces)
+
+
+def test_long_cjk_without_punctuation_is_split_into_bounded_pieces():
+    cjk = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(4096))
+    pieces = split_text(cjk)  # the defaults: 400 characters, a short first piece
+    assert "".join(pieces) == cjk and len(pieces) == 11
+    assert all(len(p) <= 400 for p in pieces) and len(pieces[0]) == 400  # no sentence end to cut at
 
 
 def test_other_scripts_sentence_marks():
@@ -188,7 +232,13 @@ def test_errors_name_the_value(model, text, kwargs, message):
         next(stream_generate_long(model, text, voice, **kwargs))
 
 
-def test_a_word_that_cannot_fit_the_context_is_a_clear_error(model, monkeypatch):
+def test_a_long_word_is_cut_to_fit_a_small_context(model, monkeypatch):
     monkeypatch.setattr(model.config, "max_seq_len", 40)
-    with pytest.raises(ValueError, match="text too long: the piece .* over the model's context of 40"):
+    planned = plan_pieces(model, "x" * 200, VOICE, max_frames=10)
+    assert "".join(t for t, _ in planned) == "x" * 200 and all(n + 10 <= 40 for _, n in planned)
+
+
+def test_text_that_cannot_fit_even_cut_to_characters_is_a_clear_error(model, monkeypatch):
+    monkeypatch.setattr(model.config, "max_seq_len", 20)  # 13 positions for one character + 10 frames
+    with pytest.raises(ValueError, match="text too long: the piece 'x' .* over the model's context of 20"):
         plan_pieces(model, "x" * 200, VOICE, max_frames=10)
