@@ -9,6 +9,7 @@ from mistral_common.protocol.speech.request import SpeechRequest
 
 from conftest import GOLDEN
 
+from mlx_speech.errors import CheckpointError
 from mlx_speech.tokenizer import Tokenizer
 
 TINY_TEKKEN = GOLDEN / "tiny-voxtral" / "tekken.json"
@@ -252,3 +253,160 @@ def test_unrecognized_file_name_is_explained(tmp_path):
     path.write_bytes(TINY_TEKKEN.read_bytes())
     with pytest.raises(ValueError, match="'vocab.json'.*tekken"):
         Tokenizer.from_file(path)
+
+
+# --- the prompt builder from a row count (custom voices) ---
+
+def _official(tok, text, voice):
+    return list(tok.mistral_tokenizer.encode_speech_request(SpeechRequest(input=text, voice=voice)).tokens)
+
+
+def test_tiny_every_preset_equals_mistral_common(tiny):
+    text = "Hello world, this is a test."
+    for voice, n in tiny.voice_num_audio_tokens.items():
+        official = _official(tiny, text, voice)
+        assert tiny.encode_speech(text, voice) == official
+        assert tiny.encode_speech_prompt(text, n) == official
+
+
+def test_tiny_builder_reproduces_golden_g1_prompt(tiny, cases):
+    meta = json.loads((GOLDEN / "cases.json").read_text())
+    golden = [int(i) for i in cases["g1_e2e"]["prompt_ids"].tolist()]
+    assert golden == meta["prompt_ids"]
+    n = golden.count(tiny.audio_id)
+    assert tiny.encode_speech_prompt(meta["prompt_text"], n) == golden
+
+
+@pytest.mark.parametrize("voice", list(VOICE_NUM_AUDIO_TOKENS))
+def test_full_every_preset_equals_mistral_common(full, voice):
+    text = "Grüße aus München — 42 Äpfel, s'il vous plaît."
+    official = _official(full, text, voice)
+    assert full.encode_speech(text, voice) == official
+    assert full.encode_speech_prompt(text, VOICE_NUM_AUDIO_TOKENS[voice]) == official
+
+
+@pytest.mark.parametrize("rows", [1, 5, 203, 1024])
+def test_builder_layout_for_any_row_count(full, rows):
+    ids = full.encode_speech_prompt("Hello.", rows)
+    assert ids == _expected_prompt([22177, 1046], rows)
+    assert ids.count(full.audio_id) == rows
+
+
+@pytest.mark.parametrize("rows", [0, -1, 1025, 2.0, "7", True, None])
+def test_builder_refuses_bad_row_counts(full, rows):
+    with pytest.raises(ValueError, match=r"voice_rows .*1 to 1024") as info:
+        full.encode_speech_prompt("Hello.", rows)
+    assert "\n" not in str(info.value)
+
+
+def test_builder_refuses_empty_text(full):
+    with pytest.raises(ValueError, match="empty"):
+        full.encode_speech_prompt("  ", 5)
+
+
+# --- damaged tekken.json files: one CheckpointError line naming the file ---
+
+def _damaged(tmp_path, edit):
+    data = json.loads(TINY_TEKKEN.read_text())
+    data = edit(data)
+    path = tmp_path / "tekken.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _drop(key):
+    def edit(d):
+        del d[key]
+        return d
+    return edit
+
+
+def _bad_vocab_entry(d):
+    d["vocab"][5] = {"rank": 5}  # no token_bytes
+    return d
+
+
+def _bad_base64(d):
+    d["vocab"][7]["token_bytes"] = "!!not base64!!"
+    return d
+
+
+def _vocab_entry_is_text(d):
+    d["vocab"][3] = "abc"
+    return d
+
+
+def _vocab_rank_swapped(d):
+    d["vocab"][9]["rank"], d["vocab"][10]["rank"] = 10, 9
+    return d
+
+
+def _without_inst(d):
+    d["special_tokens"] = [t for t in d["special_tokens"] if t["token_str"] != "[INST]"]
+    return d
+
+
+def _inst_renamed(d):
+    for t in d["special_tokens"]:
+        if t["token_str"] == "[INST]":
+            t["token_str"] = f"<SPECIAL_{t['rank']}>"
+    return d
+
+
+def _huge_special_count(d):
+    d["config"]["default_num_special_tokens"] = 10**9  # would build 10**9 filler tokens
+    return d
+
+
+def _voice_count(value):
+    def edit(d):
+        d["audio"]["voice_num_audio_tokens"]["casual_male"] = value
+        return d
+    return edit
+
+
+DAMAGED = {
+    "no-config": (_drop("config"), "'config' is missing"),
+    "empty-object": (lambda d: {}, "'config' is missing"),
+    "config-a-list": (lambda d: {**d, "config": [1]}, "'config' is a JSON list"),
+    "a-list": (lambda d: [d], "top level is a JSON list"),
+    "vocab-entry-without-bytes": (_bad_vocab_entry, r"vocab\[5\] is \{'rank': 5\}; each entry needs"),
+    "vocab-entry-bad-base64": (_bad_base64, "not a valid tekken tokenizer .*base64"),
+    "vocab-entry-a-string": (_vocab_entry_is_text, r"vocab\[3\] is 'abc'"),
+    "vocab-rank-out-of-order": (_vocab_rank_swapped, r"vocab\[9\] has rank 10; ranks run"),
+    "vocab-not-a-list": (lambda d: {**d, "vocab": 5}, "'vocab' is a JSON int"),
+    "without-[INST]": (_without_inst, r"special_tokens\[3\] has rank 4"),
+    "[INST]-renamed": (_inst_renamed, r"Unknown control token \[INST\]"),
+    "huge-special-count": (_huge_special_count, "default_num_special_tokens is 1000000000"),
+    "voice-count-text": (_voice_count("x"), r"voice_num_audio_tokens\['casual_male'\] is 'x'"),
+    "voice-count-huge": (_voice_count(10**12), r"voice_num_audio_tokens\['casual_male'\] is 1000000000000"),
+    "voice-count-zero": (_voice_count(0), "from 1 to 1024 rows"),
+}
+
+
+@pytest.mark.parametrize("edit, problem", DAMAGED.values(), ids=list(DAMAGED))
+def test_damaged_tekken_is_one_checkpoint_error_naming_the_file(tmp_path, edit, problem):
+    path = _damaged(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=problem) as info:
+        Tokenizer.from_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert len(message) < len(str(path)) + 300
+
+
+@pytest.mark.parametrize("raw", [b'{"config": ', b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000, b""],
+                         ids=["truncated", "not-utf8", "deeply-nested", "empty-file"])
+def test_unparsable_tekken_is_one_checkpoint_error(tmp_path, raw):
+    path = tmp_path / "tekken.json"
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="not valid JSON") as info:
+        Tokenizer.from_file(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_oversized_tekken_is_refused_before_reading(tmp_path, monkeypatch):
+    import mlx_speech.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "MAX_TEKKEN_BYTES", 1000)
+    with pytest.raises(CheckpointError, match=r"tokenizer file is \d+ bytes; a tekken.json is at most 1000"):
+        Tokenizer.from_file(TINY_TEKKEN)
