@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN
-from test_pt_reader import _global, _int, _int_tuple, _pickle, _str, _tensor_ops, _write_pt
+from test_pt_reader import _global, _int, _int_tuple, _pickle, _str, _tensor_ops
 
 from mlx_speech import pt_reader
 from mlx_speech.errors import CheckpointError
-from mlx_speech.pickle_scan import ALLOWED_OPCODES, MAX_MEMO_INDEX, check_tensor_pickle
+from mlx_speech.pickle_scan import ALLOWED_OPCODES, MAX_MEMO_INDEX, RefusedPickle, check_tensor_pickle
 from mlx_speech.pt_reader import PtFormatError, UnsafePickleError, read_pt_tensor
 
 VOICES = GOLDEN / "tiny-voxtral" / "voice_embedding"
@@ -275,6 +275,14 @@ def test_memory_bombs_are_refused_cheaply(bombs, bomb, problem):
     assert peak < 2 * MiB, f"{bomb}: {peak / MiB:.1f} MiB"
 
 
+def test_memo_indices_are_bounded_at_the_limit():
+    def put(index):
+        return b"\x80\x02Nr" + struct.pack("<I", index) + b"."
+    check_tensor_pickle(put(MAX_MEMO_INDEX - 1))
+    with pytest.raises(RefusedPickle, match=f"memo index {MAX_MEMO_INDEX}"):
+        check_tensor_pickle(put(MAX_MEMO_INDEX))
+
+
 def test_many_entries_within_the_directory_budget_are_refused(tmp_path):
     path = tmp_path / "many.pt"
     path.write_bytes(_zip([{"name": f"a/x{i}", "payload": b""} for i in range(65)]))
@@ -349,21 +357,24 @@ def test_unsupported_dtypes_say_so(tmp_path, storage, dtype):
 
 
 def test_huge_shapes_are_refused_with_short_messages(tmp_path):
-    # (2**32, 2**32) wraps int64 to 0 elements: the review saw "cannot reshape array of size 0".
+    big = 2**31 - 1
     cases = {
-        "wrap": ((2**32, 2**32), (2**32, 1)),
-        "product": ((2**31 - 1,) * 3, (1,) * 3),
-        "ndim": ((1,) * 20000, (1,) * 20000),  # fits the 64 KiB pickle bound
-        "ndim_big": ((1,) * 200_000, (1,) * 200_000),  # the review's 1.49 MB message
-        "negative": ((-1, 2), (2, 1)),
+        # (2**32, 2**32) wrapped int64 to 0 elements: "cannot reshape array of size 0" before.
+        "wrap": ((2**32, 2**32), (2**32, 1), "has a dimension above 2147483647"),
+        "product": ((big,) * 3, (big * big, big, 1), f"needs elements [0, {big**3}) but its storage holds 1"),
+        "ndim": ((1,) * 12000, (1,) * 12000, "tensor has 12000 dimensions, at most 32"),
+        "ndim_big": ((1,) * 200_000, (1,) * 200_000, "more than the 65536 allowed"),  # was a 1.49 MB message
+        "negative": ((-1, 2), (2, 1), "invalid tensor shape (-1, 2)"),
     }
-    for name, (shape, stride) in cases.items():
-        def tup(values):
-            return b"(" + b"".join(_long(v) if v >= 2**31 else _int(v) for v in values) + b"t"
+
+    def tup(values):  # BININT1 where it fits, so 12 000 dimensions stay under the 64 KiB pickle bound
+        return b"(" + b"".join(b"K" + bytes([v]) if 0 <= v < 256 else _long(v) for v in values) + b"t"
+
+    for name, (shape, stride, problem) in cases.items():
         body = (_global("torch._utils", "_rebuild_tensor_v2") + b"((" + _str("storage") + _global("torch", "FloatStorage")
                 + _str("0") + _str("cpu") + _int(1) + b"tQ" + _int(0) + tup(shape) + tup(stride) + b"\x89"
                 + _global("collections", "OrderedDict") + b")RtR")
-        _refusal(_archive(tmp_path, f"{name}.pt", _pickle(body), bytes(4)))
+        assert problem in _refusal(_archive(tmp_path, f"{name}.pt", _pickle(body), bytes(4))), name
 
 
 def test_long_untrusted_strings_are_cut_in_messages(tmp_path):
