@@ -6,17 +6,26 @@ transformer stages with sliding windows 2/4/8/16 between stride-2 transposed con
 `make_cache()` object to `decode` for consecutive chunks of frames.
 """
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .codec_layers import CausalConv1d, CausalConvTranspose1d, ConvState, KVWindow, TransformerStage
-from .config import FromDict
+from .config import MAX_LIST_LENGTH, FieldError, FromDict, check_field, field_path, section_dict
+from .errors import file_error, quoted
 
 # Frames decoded per internal step: bounds the attention bias at (H, 8·64, 8·64 + 16).
 DEFAULT_CHUNK_FRAMES = 64
+
+# Fields a params.json audio_tokenizer_args must give (the rest have the release's values).
+_REQUIRED_PARAMS = ("dim", "hidden_dim", "head_dim", "n_heads", "n_kv_heads",
+                    "semantic_codebook_size", "semantic_dim", "acoustic_codebook_size", "acoustic_dim")
+# The release has 240 × 2 × 2 × 2 = 1920 samples per frame (80 ms at 24 kHz).
+MAX_SAMPLES_PER_FRAME = 1 << 20
 
 # params.json options this decoder implements, with the only value it supports
 _FIXED_PARAMS = {
@@ -29,8 +38,14 @@ _FIXED_PARAMS = {
 }
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+def _int_list(args: dict, key: str, default: str, source, section: str) -> list[int]:
+    """A params.json "1,2,2,2" field as ints, refused naming ``key`` if it is anything else."""
+    text = args.get(key, default)
+    parts = text.split(",") if isinstance(text, str) and len(text) <= 256 else None
+    if parts is None or len(parts) > MAX_LIST_LENGTH or not all(re.fullmatch(r"\s*\d{1,9}\s*", p) for p in parts):
+        raise file_error(source, f"{field_path(section, key)} is {quoted(text)}; expected comma-separated "
+                                 f"integers like {default!r} (at most {MAX_LIST_LENGTH})")
+    return [int(p) for p in parts]
 
 
 def derive_window_sizes(
@@ -87,31 +102,57 @@ class CodecConfig(FromDict):
             raise ValueError(
                 f"conv_strides[0] must be 1 (decoder input conv), got {self.conv_strides[0]}."
             )
+        if self.samples_per_frame > MAX_SAMPLES_PER_FRAME:
+            raise ValueError(
+                f"patch_size × the conv strides gives {self.samples_per_frame} samples per frame; "
+                f"at most {MAX_SAMPLES_PER_FRAME} are supported (the release has 1920)."
+            )
 
     @classmethod
-    def from_params(cls, args: dict) -> "CodecConfig":
-        """From params.json["multimodal"]["audio_tokenizer_args"]."""
+    def from_params(cls, args: dict, source="params.json",
+                    section: str = "multimodal.audio_tokenizer_args") -> "CodecConfig":
+        """From params.json["multimodal"]["audio_tokenizer_args"], every field checked.
+
+        Raises:
+            CheckpointError: naming ``source`` and the field for a missing, mistyped, out of
+                range or unsupported value.
+        """
+        args = section_dict(args, source, section)
         for key, value in _FIXED_PARAMS.items():
-            if args.get(key, value) != value:
-                raise ValueError(
-                    f"audio_tokenizer_args.{key}={args[key]!r} is not supported (only {value!r})."
-                )
-        strides = _ints(args.get("decoder_convs_strides_str", "1,2,2,2"))
+            if args.get(key, value) != value or type(args.get(key, value)) is not type(value):
+                raise file_error(source, f"{field_path(section, key)} is {quoted(args[key])}; "
+                                         f"only {json.dumps(value)} is supported")
+
+        def scalar(key, default, as_field):
+            try:
+                return check_field(as_field, args.get(key, default), type(default))
+            except FieldError as e:
+                raise file_error(source, f"{field_path(section, key)} {e.problem}") from None
+
+        strides = _int_list(args, "decoder_convs_strides_str", "1,2,2,2", source, section)
         windows = derive_window_sizes(
-            args.get("attn_sliding_window_size", 16),
-            _ints(args.get("encoder_convs_strides_str", "2,2,2,1")),  # absent in the release
+            scalar("attn_sliding_window_size", 16, "window_sizes"),
+            _int_list(args, "encoder_convs_strides_str", "2,2,2,1", source, section),  # absent in the release
             strides,
-            args.get("half_attn_window_upon_downsampling", True),
+            scalar("half_attn_window_upon_downsampling", True, "half_attn_window_upon_downsampling"),
         )
         renamed = {
             "patch_size": args.get("pretransform_patch_size", 240),
             "output_kernel_size": args.get("patch_proj_kernel_size", 7),
-            "transformer_lengths": _ints(args.get("decoder_transformer_lengths_str", "2,2,2,2")),
-            "conv_kernels": _ints(args.get("decoder_convs_kernels_str", "3,4,4,4")),
+            "transformer_lengths": _int_list(args, "decoder_transformer_lengths_str", "2,2,2,2", source, section),
+            "conv_kernels": _int_list(args, "decoder_convs_kernels_str", "3,4,4,4", source, section),
             "conv_strides": strides,
             "window_sizes": windows,
         }
-        return cls.from_dict({**args, **renamed})
+        aliases = {
+            "patch_size": "pretransform_patch_size",
+            "output_kernel_size": "patch_proj_kernel_size",
+            "transformer_lengths": "decoder_transformer_lengths_str",
+            "conv_kernels": "decoder_convs_kernels_str",
+            "conv_strides": "decoder_convs_strides_str",
+            "window_sizes": "window_sizes (from attn_sliding_window_size)",
+        }
+        return cls.from_dict({**args, **renamed}, source, section, aliases, required=_REQUIRED_PARAMS)
 
     @property
     def samples_per_frame(self) -> int:

@@ -15,6 +15,16 @@ import mlx.nn as nn
 from .acoustic import CODE_OFFSET, AcousticConfig, FlowMatchingHead, _round_up
 from .backbone import BackboneConfig, backbone_key, make_backbone, make_backbone_cache
 from .codec import Codec, CodecConfig, sanitize_codec
+from .config import (
+    MAX_VOICES,
+    FieldError,
+    check_field,
+    check_quantization,
+    check_voice_name,
+    field_path,
+    section_dict,
+)
+from .errors import file_error, quoted
 from .prompt_cache import VoicePrefixCache
 
 # Tensors kept in float32 whatever --dtype says: the semantic head (argmax over close logits,
@@ -23,6 +33,41 @@ FLOAT32_KEYS = (
     "acoustic_transformer.semantic_codebook_output.weight",
     "audio_tokenizer.quantizer.semantic_codebook.embedding",
 )
+
+
+_REQUIRED_LAYER_FIELDS = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads")
+_AM = "multimodal.audio_model_args."
+_RELEASE_PATHS = {  # our field path -> params.json's, where the prefix rule below does not hold
+    "acoustic.semantic_codebook_size": _AM + "semantic_codebook_size",
+    "acoustic.acoustic_codebook_size": _AM + "acoustic_codebook_size",
+    "acoustic.n_acoustic_codebook": _AM + "n_acoustic_codebook",
+    "bos_token_id": "multimodal.bos_token_id",
+    "audio_token_id": _AM + "audio_token_id",
+    "begin_audio_token_id": _AM + "begin_audio_token_id",
+}
+_RELEASE_PREFIXES = {"backbone": "", "acoustic": _AM + "acoustic_transformer_args.",
+                     "codec": "multimodal.audio_tokenizer_args."}
+
+
+def _release_path(path: str) -> str:
+    """Where params.json keeps the field that our config calls ``path``."""
+    part, _, name = path.partition(".")
+    return _RELEASE_PATHS.get(path) or _RELEASE_PREFIXES[part] + name
+
+
+_MISSING = object()
+
+
+def _param(d: dict, key: str, source, section: str, default=_MISSING, bounds: str | None = None):
+    """``d[key]`` (or ``default``) checked as the ModelConfig / sub-config field of that name."""
+    if key not in d and default is _MISSING:
+        raise file_error(source, f"{field_path(section, key)} is missing")
+    value = d.get(key, default)
+    hint = float if isinstance(default, float) or key == "norm_eps" else int
+    try:
+        return check_field(bounds or key, value, hint)
+    except FieldError as e:
+        raise file_error(source, f"{field_path(section, key)} {e.problem}") from None
 
 
 @dataclass
@@ -39,48 +84,99 @@ class ModelConfig:
     model_type: str = "voxtral_tts"
 
     @classmethod
-    def from_params(cls, params: dict) -> "ModelConfig":
-        """Map the original release's params.json (spec §2) onto our config."""
-        mm = params["multimodal"]
-        am = mm["audio_model_args"]
-        at = dict(am["acoustic_transformer_args"])
+    def from_params(cls, params: dict, source="params.json") -> "ModelConfig":
+        """Map the original release's params.json (spec §2) onto our config, every field checked.
+
+        Raises:
+            CheckpointError: "<source>: <field path> …" for a missing section or field, a value
+                of the wrong type or out of range, or parts that do not fit together.
+        """
+        params = section_dict(params, source, "")
+        mm = section_dict(params.get("multimodal"), source, "multimodal")
+        am_path = "multimodal.audio_model_args"
+        am = section_dict(mm.get("audio_model_args"), source, am_path)
+        at_path = f"{am_path}.acoustic_transformer_args"
+        at = dict(section_dict(am.get("acoustic_transformer_args"), source, at_path))
         at.pop("norm_eps", None)  # absent in the release; the head uses the backbone's 1e-5
+        codes = {k: _param(am, k, source, am_path)
+                 for k in ("semantic_codebook_size", "acoustic_codebook_size", "n_acoustic_codebook")}
         acoustic = AcousticConfig.from_dict(
-            {
-                **at,
-                "norm_eps": params.get("norm_eps", 1e-5),
-                "semantic_codebook_size": am["semantic_codebook_size"],
-                "acoustic_codebook_size": am["acoustic_codebook_size"],
-                "n_acoustic_codebook": am["n_acoustic_codebook"],
-            }
+            {**at, "norm_eps": _param(params, "norm_eps", source, "", 1e-5), **codes},
+            source, at_path, required=_REQUIRED_LAYER_FIELDS + ("input_dim",),
         )
-        tok = mm["audio_tokenizer_args"]
-        return cls(
-            backbone=BackboneConfig.from_dict(params),
+        tok_path = "multimodal.audio_tokenizer_args"
+        tok = section_dict(mm.get("audio_tokenizer_args"), source, tok_path)
+        voices = section_dict(tok.get("voice", {}), source, f"{tok_path}.voice")
+        for name, index in voices.items():
+            check_voice_name(name, source, f"{tok_path}.voice name")
+            _param(voices, name, source, f"{tok_path}.voice", bounds="voice index")
+        config = cls(
+            backbone=BackboneConfig.from_dict(params, source, "", required=_REQUIRED_LAYER_FIELDS + ("vocab_size",)),
             acoustic=acoustic,
-            codec=CodecConfig.from_params(tok),
-            bos_token_id=mm.get("bos_token_id", 1),
-            audio_token_id=am.get("audio_token_id", 24),
-            begin_audio_token_id=am.get("begin_audio_token_id", 25),
-            max_seq_len=params.get("max_seq_len", 65536),
-            voices=sorted(tok.get("voice", {}), key=lambda v: tok["voice"][v]),
+            codec=CodecConfig.from_params(tok, source, tok_path),
+            bos_token_id=_param(mm, "bos_token_id", source, "multimodal", 1),
+            audio_token_id=_param(am, "audio_token_id", source, am_path, 24),
+            begin_audio_token_id=_param(am, "begin_audio_token_id", source, am_path, 25),
+            max_seq_len=_param(params, "max_seq_len", source, "", 65536),
+            voices=sorted(voices, key=lambda v: voices[v]),
         )
+        config.check(source, release=True)
+        return config
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        """Read our config.json (unknown keys ignored)."""
-        return cls(
-            backbone=BackboneConfig.from_dict(d.get("backbone", {})),
-            acoustic=AcousticConfig.from_dict(d.get("acoustic", {})),
-            codec=CodecConfig.from_dict(d.get("codec", {})),
-            bos_token_id=d.get("bos_token_id", 1),
-            audio_token_id=d.get("audio_token_id", 24),
-            begin_audio_token_id=d.get("begin_audio_token_id", 25),
-            max_seq_len=d.get("max_seq_len", 65536),
-            voices=list(d.get("voices", [])),
-            quantization=d.get("quantization"),
-            model_type=d.get("model_type", "voxtral_tts"),
+    def from_dict(cls, d: dict, source="config.json") -> "ModelConfig":
+        """Read our config.json (unknown keys ignored, missing ones default), every field checked.
+
+        Raises:
+            CheckpointError: "<source>: <field path> …" for a value of the wrong type or out of
+                range, a foreign ``model_type``, or parts that do not fit together.
+        """
+        d = section_dict(d, source, "")
+        model_type = d.get("model_type", "voxtral_tts")
+        if model_type != "voxtral_tts":
+            raise file_error(source, f"model_type is {quoted(model_type)}; this loader reads 'voxtral_tts' models")
+        voices = d.get("voices", [])
+        if not isinstance(voices, list) or len(voices) > MAX_VOICES:
+            raise file_error(source, f"voices is {quoted(voices)}; expected a list of voice names")
+        config = cls(
+            backbone=BackboneConfig.from_dict(d.get("backbone", {}), source, "backbone"),
+            acoustic=AcousticConfig.from_dict(d.get("acoustic", {}), source, "acoustic"),
+            codec=CodecConfig.from_dict(d.get("codec", {}), source, "codec"),
+            bos_token_id=_param(d, "bos_token_id", source, "", 1),
+            audio_token_id=_param(d, "audio_token_id", source, "", 24),
+            begin_audio_token_id=_param(d, "begin_audio_token_id", source, "", 25),
+            max_seq_len=_param(d, "max_seq_len", source, "", 65536),
+            voices=[check_voice_name(v, source, "voices entry") for v in voices],
+            quantization=check_quantization(d.get("quantization"), source),
+            model_type=model_type,
         )
+        config.check(source)
+        return config
+
+    def check(self, source="config.json", release: bool = False) -> None:
+        """Refuse parts that do not fit together (each part's fields are checked on reading).
+
+        ``release``: name the fields as params.json spells them.
+        """
+        b, a, c = self.backbone, self.acoustic, self.codec
+        rules = [
+            (b.n_heads % b.n_kv_heads == 0, "backbone.n_heads", "a multiple of", "backbone.n_kv_heads"),
+            (a.n_heads % a.n_kv_heads == 0, "acoustic.n_heads", "a multiple of", "acoustic.n_kv_heads"),
+            (c.n_heads % c.n_kv_heads == 0, "codec.n_heads", "a multiple of", "codec.n_kv_heads"),
+            (a.input_dim == b.dim, "acoustic.input_dim", "equal to", "backbone.dim"),
+            (a.semantic_codebook_size == c.semantic_codebook_size, "acoustic.semantic_codebook_size",
+             "equal to", "codec.semantic_codebook_size"),
+            (a.acoustic_codebook_size == c.acoustic_codebook_size, "acoustic.acoustic_codebook_size",
+             "equal to", "codec.acoustic_codebook_size"),
+            (a.n_acoustic_codebook == c.acoustic_dim, "acoustic.n_acoustic_codebook", "equal to", "codec.acoustic_dim"),
+        ] + [
+            (getattr(self, k) < b.vocab_size, k, "below", "backbone.vocab_size")
+            for k in ("bos_token_id", "audio_token_id", "begin_audio_token_id")
+        ]
+        name = _release_path if release else (lambda path: path)
+        for ok, path, relation, other in rules:
+            if not ok:
+                raise file_error(source, f"{name(path)} must be {relation} {name(other)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
