@@ -5,57 +5,52 @@
 
 Everything the model needs once is done here and never per call: tensor renaming, weight-norm
 folding and conv layouts for the codec, the semantic codebook division, casting and optional
-quantization. The release is checked against params.json first; the output is written into a
-temporary folder that is renamed at the very end, so a failed run leaves nothing behind.
+quantization. The release is checked against params.json first (``checkpoint.read_release``:
+every size bounded, every voice name a plain name, every tensor and voice finite); the output
+is written into a temporary folder that is swapped in at the very end (``folder_swap``), so a
+failed, interrupted or killed run leaves nothing behind and ``--overwrite`` replaces only a
+converted model.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from .checkpoint import (
-    PARAMS_FILE,
-    TOKENIZER_FILE,
-    VOICES_DIR,
-    WEIGHTS_FILE,
-    CheckpointError,
-    check_checkpoint,
-)
-from .model import Model, ModelConfig
-from .pt_reader import read_pt_tensor
-from .tokenizer import Tokenizer
-from .utils import VOICES_DIR as MLX_VOICES_DIR
-from .utils import get_model_path, save_model
+from . import folder_swap
+from .config import QUANT_BITS, QUANT_GROUP_SIZES
+from .signals import exit_status, graceful_signals
 
 DEFAULT_HF_PATH = "mistralai/Voxtral-4B-TTS-2603"
 DEFAULT_MLX_PATH = "mlx_model"
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-Q_BITS = (2, 3, 4, 5, 6, 8)
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+Q_BITS = QUANT_BITS
+DEFAULT_Q_BITS = 4
+DEFAULT_Q_GROUP_SIZE = 64
 
 
-def _read_voices(source: Path, tokenizer: Tokenizer, dim: int) -> dict[str, mx.array]:
-    """Every voice tekken.json lists, read from its .pt without torch and checked for shape."""
-    voices = {}
-    for name, n_rows in tokenizer.voice_num_audio_tokens.items():
-        f = source / VOICES_DIR / f"{name}.pt"
-        if not f.is_file():
-            raise CheckpointError(f"voice {name!r} is listed in {TOKENIZER_FILE} but {f} is missing")
-        emb = read_pt_tensor(f)
-        if tuple(emb.shape) != (n_rows, dim):
-            raise CheckpointError(
-                f"{f} has shape {tuple(emb.shape)}; {TOKENIZER_FILE} and {PARAMS_FILE} imply ({n_rows}, {dim})"
-            )
-        voices[name] = emb
-    return voices
+def check_convert_options(dtype: str, quantize: bool, q_bits: int | None, q_group_size: int | None,
+                          q_acoustic: bool) -> tuple[int, int]:
+    """The (bits, group size) to quantize with; ValueError naming the flag for a bad combination."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPE_NAMES)}")
+    if not quantize:
+        given = [flag for flag, v in (("--q-bits", q_bits), ("--q-group-size", q_group_size),
+                                      ("--q-acoustic", q_acoustic or None)) if v is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{' and '.join(given)} only {verb} with -q/--quantize; add -q to quantize")
+    bits = DEFAULT_Q_BITS if q_bits is None else q_bits
+    group = DEFAULT_Q_GROUP_SIZE if q_group_size is None else q_group_size
+    if quantize and (isinstance(bits, bool) or bits not in Q_BITS):
+        raise ValueError(f"unsupported --q-bits {bits}; choose one of: {', '.join(map(str, Q_BITS))}")
+    if quantize and (isinstance(group, bool) or group not in QUANT_GROUP_SIZES):
+        raise ValueError(f"unsupported --q-group-size {group}; choose one of: "
+                         f"{', '.join(map(str, QUANT_GROUP_SIZES))}")
+    return bits, group
 
 
 def convert(
@@ -63,8 +58,8 @@ def convert(
     mlx_path: str = DEFAULT_MLX_PATH,
     dtype: str = "bfloat16",
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
     q_acoustic: bool = False,
     overwrite: bool = False,
     revision: str | None = None,
@@ -78,81 +73,130 @@ def convert(
         dtype: weight dtype: bfloat16, float16 or float32. The semantic head and the codec's
             semantic codebook stay float32.
         quantize: quantize the backbone's linear layers (the codec and embedding tables never).
-        q_bits, q_group_size: quantization bits and group size.
+        q_bits, q_group_size: quantization bits (default 4) and group size (default 64); only
+            with ``quantize``.
         q_acoustic: also quantize the flow-matching transformer (off by default: it is small
             and precision-sensitive).
-        overwrite: replace an existing ``mlx_path``.
+        overwrite: replace an existing ``mlx_path``, if it is empty or a converted model; a
+            folder with anything else in it, or one that holds the release, is never replaced.
         revision: Hub revision.
         verbose: print progress.
 
     Returns:
         The path of the written folder.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if q_acoustic and not quantize:
-        raise ValueError("--q-acoustic only applies with -q/--quantize")
-    if quantize and q_bits not in Q_BITS:
-        raise ValueError(f"unsupported --q-bits {q_bits}; choose one of: {', '.join(map(str, Q_BITS))}")
-    if quantize and q_group_size not in (32, 64, 128):
-        raise ValueError(f"unsupported --q-group-size {q_group_size}; choose 32, 64 or 128")
-    dst = Path(mlx_path).expanduser()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; choose another --mlx-path or pass --overwrite")
 
+    Raises:
+        CheckpointError: a damaged or hostile release, naming the file and the field or tensor.
+        FileExistsError: ``mlx_path`` exists (or appeared meanwhile) and ``overwrite`` is off.
+        folder_swap.FolderError: the output cannot be written or must not be replaced.
+        KeyboardInterrupt: Ctrl-C, or SIGTERM/SIGHUP (``signals.Terminated``); nothing is left.
+    """
+    started_ns = time.time_ns()
+    bits, group = check_convert_options(dtype, quantize, q_bits, q_group_size, q_acoustic)
+    dst = Path(mlx_path).expanduser()
+    folder_swap.check_target(dst, overwrite)  # before any download or reading
     log = print if verbose else (lambda *a, **k: None)
+    with graceful_signals():
+        return _convert(hf_path, revision, dst, dtype, quantize and (bits, group, q_acoustic),
+                        overwrite, started_ns, log)
+
+
+def _convert(hf_path, revision, dst: Path, dtype: str, quantization, overwrite: bool, started_ns: int, log) -> Path:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from .checkpoint import WEIGHTS_FILE, read_release
+    from .errors import file_error
+    from .model import Model
+    from .utils import get_model_path
+
     t0 = time.perf_counter()
     log(f"[1/5] locating the release: {hf_path}")
     source = get_model_path(hf_path, revision)
-    for name in (WEIGHTS_FILE, PARAMS_FILE, TOKENIZER_FILE):
-        if not (source / name).is_file():
-            raise FileNotFoundError(f"{source / name} is missing; the original release has {name}")
-    params = json.loads((source / PARAMS_FILE).read_text())
-    config = ModelConfig.from_params(params)
+    folder_swap.check_target(dst, overwrite, sources=(source,))
 
-    log(f"[2/5] checking {WEIGHTS_FILE} against {PARAMS_FILE}")
-    header = check_checkpoint(source / WEIGHTS_FILE, config)
-    tokenizer = Tokenizer.from_file(source / TOKENIZER_FILE)
-    voices = _read_voices(source, tokenizer, config.backbone.dim)
-    config.voices = list(voices)
+    log(f"[2/5] checking {WEIGHTS_FILE} against params.json")
+    release = read_release(source)
+    config = release.config
 
-    log(f"[3/5] loading {len(header)} tensors and transforming them ({dtype})")
+    log(f"[3/5] loading {len(release.header)} tensors and transforming them ({dtype})")
+    try:
+        raw = dict(mx.load(str(source / WEIGHTS_FILE)))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise file_error(source / WEIGHTS_FILE, f"unreadable safetensors file ({e})") from None
+    _refuse_non_finite(raw, source / WEIGHTS_FILE, "")
     model = Model(config)
-    weights = model.cast(model.sanitize(mx.load(str(source / WEIGHTS_FILE))), DTYPES[dtype])
+    target_dtype = getattr(mx, dtype)
+    weights = model.cast(model.sanitize(raw), target_dtype)
+    del raw
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    if quantize:
-        log(f"[4/5] quantizing to {q_bits} bits, group size {q_group_size}"
-            + (" (backbone and flow-matching transformer)" if q_acoustic else " (backbone)"))
-        config.quantization = {"bits": q_bits, "group_size": q_group_size, "acoustic": q_acoustic}
-        nn.quantize(model, group_size=q_group_size, bits=q_bits, class_predicate=model.quant_predicate)
+    if quantization:
+        bits, group, acoustic = quantization
+        log(f"[4/5] quantizing to {bits} bits, group size {group}"
+            + (" (backbone and flow-matching transformer)" if acoustic else " (backbone)"))
+        config.quantization = {"bits": bits, "group_size": group, "acoustic": acoustic}
+        nn.quantize(model, group_size=group, bits=bits, class_predicate=model.quant_predicate)
     else:
         log("[4/5] no quantization")
-    mx.eval(model.parameters())
+    from mlx.utils import tree_flatten
+
+    _refuse_non_finite(dict(tree_flatten(model.parameters())), source / WEIGHTS_FILE, " after conversion")
 
     log(f"[5/5] writing {dst}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    _write(dst, model, release, target_dtype, overwrite, started_ns)
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    log(f"done: {dst} ({size / 1e9:.2f} GB, {len(release.voices)} voices) in {time.perf_counter() - t0:.1f} s")
+    return dst
+
+
+def _refuse_non_finite(tensors: dict, source: Path, when: str) -> None:
+    """CheckpointError naming the first floating tensor with a NaN or an infinity (evaluates all)."""
+    import mlx.core as mx
+
+    from .errors import file_error
+
+    flags = {k: mx.all(mx.isfinite(v)) for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)}
+    try:
+        mx.eval(tensors, flags)
+    except RuntimeError as e:
+        raise file_error(source, f"weights cannot be read ({e})") from None
+    bad = sorted(k for k, ok in flags.items() if not ok.item())
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise file_error(source, f"tensor {bad[0]} holds NaN or infinite values{when}{more}; refusing to convert")
+
+
+def _write(dst: Path, model, release, dtype, overwrite: bool, started_ns: int) -> None:
+    """Write the model folder beside ``dst`` and swap it in; on any failure nothing is left."""
+    import mlx.core as mx
+
+    from .checkpoint import TOKENIZER_FILE, voice_path
+    from .utils import VOICES_DIR, save_model
+
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise folder_swap.FolderError(f"{dst}: cannot create its parent folder ({e.strerror})") from None
+    folder_swap.remove_stale(dst, started_ns)  # what killed runs left (never a live run's)
+    tmp, lock = folder_swap.make_partial(dst)
     try:
         save_model(tmp, model)
-        shutil.copyfile(source / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        (tmp / MLX_VOICES_DIR).mkdir()
-        for name, emb in voices.items():
-            mx.save_safetensors(str(tmp / MLX_VOICES_DIR / f"{name}.safetensors"),
-                                {"embedding": emb.astype(DTYPES[dtype])})
-        if dst.exists():  # overwrite: swap in the new folder, then drop the old one
-            old = dst.with_name(f".{dst.name}.old-{int(time.time())}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
-    except BaseException:
+        (tmp / TOKENIZER_FILE).write_bytes(release.tokenizer_bytes)
+        (tmp / VOICES_DIR).mkdir()
+        for name, emb in release.voices.items():
+            f = voice_path(tmp / VOICES_DIR, name, ".safetensors", [tmp.resolve()])
+            mx.save_safetensors(str(f), {"embedding": emb.astype(dtype)})
+        folder_swap.publish(tmp, dst, overwrite)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (RuntimeError, OSError)) and not isinstance(e, (folder_swap.FolderError, FileExistsError)):
+            text = (getattr(e, "strerror", None) or str(e)).replace(str(tmp), str(dst))
+            raise folder_swap.FolderError(f"{dst}: writing the converted model failed ({text}); "
+                                          "nothing was written") from None
         raise
-    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
-    log(f"done: {dst} ({size / 1e9:.2f} GB, {len(voices)} voices) in {time.perf_counter() - t0:.1f} s")
-    return dst
+    finally:
+        lock.release()
 
 
 def configure_parser() -> argparse.ArgumentParser:
@@ -160,22 +204,36 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-path", "--model", default=DEFAULT_HF_PATH,
                    help=f"Hub repo id or local folder of the original release (default: {DEFAULT_HF_PATH})")
     p.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help=f"output folder (default: {DEFAULT_MLX_PATH})")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype (default: bfloat16)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16", help="weight dtype (default: bfloat16)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the backbone's linear layers")
-    p.add_argument("--q-bits", type=int, default=4, help="bits per weight when quantizing (default: 4)")
-    p.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default: 64)")
+    p.add_argument("--q-bits", type=int, default=None,
+                   help=f"bits per weight when quantizing: {', '.join(map(str, Q_BITS))} (default: {DEFAULT_Q_BITS})")
+    p.add_argument("--q-group-size", type=int, default=None,
+                   help=f"quantization group size: {', '.join(map(str, QUANT_GROUP_SIZES))} "
+                        f"(default: {DEFAULT_Q_GROUP_SIZE})")
     p.add_argument("--q-acoustic", action="store_true",
                    help="also quantize the flow-matching transformer (with -q)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --mlx-path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --mlx-path (only an empty folder or a converted model)")
     p.add_argument("--revision", default=None, help="Hub revision to download")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = configure_parser().parse_args(argv)
+    """The command line: exit 0 on success, 1 for a bad release or output, 2 for a usage error,
+    130 (or 128 + the signal) when interrupted."""
+    parser = configure_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_convert_options(args.dtype, args.quantize, args.q_bits, args.q_group_size, args.q_acoustic)
+    except ValueError as e:
+        parser.error(str(e))  # exit 2
     try:
         convert(**vars(args))
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted ({e.args[0] if e.args else 'SIGINT'}); nothing was written", file=sys.stderr)
+        raise SystemExit(exit_status(e)) from None
+    except (ValueError, OSError) as e:  # CheckpointError, FolderError, FileExistsError, ...
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
