@@ -17,7 +17,8 @@ the pack's float dtype, the semantic head to float32). Dequantizing cannot undo 
 the pack already has: a quantized semantic head may pick a different semantic code than the
 release would.
 
-``is_mlx_audio_pack(folder)`` recognises the layout; ``read_mlx_audio_pack(folder)`` checks
+``is_mlx_audio_pack(folder)`` recognises the layout (``is_mlx_audio_config`` from config.json
+alone, before a download); ``read_mlx_audio_pack(folder)`` checks
 every tensor name, shape and dtype against config.json before loading anything, and returns our
 ``ModelConfig`` (with the quantization recipe set), the weights in our names, the voices and a
 one-line description for the load log.
@@ -96,24 +97,31 @@ def _read_config(path: Path) -> dict:
     return raw
 
 
-def is_mlx_audio_pack(path: str | Path) -> bool:
-    """Whether ``path`` is a folder in mlx-audio's Voxtral layout.
+def is_mlx_audio_config(path: str | Path) -> bool:
+    """Whether ``path``/config.json has the release's params.json shape, as mlx-audio's packs do.
 
-    Its config.json has the release's params.json shape (a ``multimodal`` section; ours has
-    ``backbone``/``acoustic``/``codec`` sections instead) and weights lie beside it (a release
-    folder someone gave a config.json, to feed mlx-audio's converter, is not a pack). An
-    unreadable config is not a pack: the caller's own loader then reports what is wrong with it.
+    Ours has ``backbone``/``acoustic``/``codec`` sections instead of ``multimodal``. Enough to
+    choose what to download (``PACK_PATTERNS``) after fetching config.json alone. An unreadable
+    config is not a pack's: the caller's own loader then reports what is wrong with it.
     """
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
-        return False
-    if not (path / INDEX_FILE).is_file() and not any(path.glob("model*.safetensors")):
         return False
     try:
         raw = _read_config(path)
     except (OSError, ValueError):
         return False
     return isinstance(raw.get("multimodal"), dict) and "backbone" not in raw
+
+
+def is_mlx_audio_pack(path: str | Path) -> bool:
+    """Whether ``path`` is a folder in mlx-audio's Voxtral layout: such a config.json, and weights.
+
+    A release folder someone gave a config.json (to feed mlx-audio's converter) is not a pack.
+    """
+    path = Path(path)
+    has_weights = (path / INDEX_FILE).is_file() or any(path.glob("model*.safetensors"))
+    return has_weights and is_mlx_audio_config(path)
 
 
 def _model_config(raw: dict, source: Path) -> ModelConfig:

@@ -31,6 +31,7 @@ from mlx_speech.mlx_audio_pack import (
     PACK_PATTERNS,
     check_pack_header,
     expected_pack_tensors,
+    is_mlx_audio_config,
     is_mlx_audio_pack,
     read_mlx_audio_pack,
     split_quantized,
@@ -46,8 +47,9 @@ SEMANTIC_HEAD = "acoustic_transformer.semantic_codebook_output"
 VARIANTS = {
     "bf16": (None, None, {"dtype": "bfloat16"}),  # as mlx-community's -bf16: the release's dtype
     "float32": ("float32", None, {"dtype": "float32"}),
-    "4bit": (None, 4, {"dtype": "bfloat16", "quantize": True, "q_bits": 4, "q_group_size": 64,
-                       "q_acoustic": True}),  # mlx-audio quantizes the flow transformer too
+    # mlx-community's -4bit and -6bit; mlx-audio quantizes the flow transformer too
+    "4bit": (None, 4, {"dtype": "bfloat16", "quantize": True, "q_bits": 4, "q_group_size": 64, "q_acoustic": True}),
+    "6bit": (None, 6, {"dtype": "bfloat16", "quantize": True, "q_bits": 6, "q_group_size": 64, "q_acoustic": True}),
 }
 
 
@@ -117,11 +119,15 @@ def _ours(release: Path, tmp_path: Path, options: dict) -> Model:
     return model
 
 
-def test_recognises_only_packs(packs, release, tiny_mlx):
+def test_our_layouts_are_not_packs(tiny_mlx):  # runs without mlx-audio
+    assert not is_mlx_audio_pack(tiny_mlx) and not is_mlx_audio_config(tiny_mlx)  # our layout
+    assert not is_mlx_audio_pack(TINY) and not is_mlx_audio_config(TINY)  # the release
+
+
+def test_recognises_packs(packs, release):
     assert all(is_mlx_audio_pack(p) for p in packs.values())
-    assert not is_mlx_audio_pack(tiny_mlx)  # our own layout
+    assert is_mlx_audio_config(release)  # what a config.json-only first download can tell
     assert not is_mlx_audio_pack(release)  # params.json + a config.json copy, but no model*.safetensors
-    assert not is_mlx_audio_pack(TINY)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -142,7 +148,7 @@ def test_pack_gives_our_conversion(variant, packs, release, tmp_path):
     for voice in theirs.voices:
         a = generate(ours, TEXT, voice, seed=3, max_frames=6)
         b = generate(theirs, TEXT, voice, seed=3, max_frames=6)
-        assert a.frames == 6  # the fixture's END row is zeroed: every frame is real speech
+        assert a.frames == 6 and np.abs(a.audio).max() > 0  # the fixture's END row is zeroed
         np.testing.assert_array_equal(b.codes, a.codes)
         np.testing.assert_array_equal(b.audio, a.audio)  # tolerance 0: see the module docstring
 
