@@ -2,13 +2,15 @@
 
 Audio is written to a hidden temporary file next to the target and moved into place
 with ``os.replace`` only once complete, so an error or interruption never leaves a
-half-written file under the requested name.
+half-written file under the requested name. A failed write (full disk, I/O error) removes the
+temporary file and raises ``AudioWriteError``, one line naming the file the caller asked for.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import uuid
 
@@ -36,6 +38,41 @@ def supported_extensions() -> list[str]:
     return sorted(_FORMATS)
 
 
+_FULL_DISK_BYTES = 64 << 10  # less free space than this after a failed write: say the disk is full
+
+
+class AudioWriteError(OSError):
+    """Writing an audio file failed (full disk, I/O error, no permission).
+
+    The message names the file the caller asked for, never the hidden temporary file, and
+    nothing is left behind: the temporary file is removed before this is raised.
+    """
+
+
+def _libsndfile_reason(file) -> str | None:
+    """What the failed system call said ("No space left on device"): soundfile's exception only
+    says "System error.", libsndfile's per-file error string has the rest (private API, hence
+    guarded)."""
+    try:
+        text = sf._ffi.string(sf._snd.sf_strerror(file._file)).decode("utf-8", "replace")
+    except Exception:
+        return None
+    return text.split(":", 1)[1].strip().rstrip(".") if text.startswith("System error :") else None
+
+
+def _write_error(path: str, error: BaseException, file=None) -> AudioWriteError:
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    else:  # libsndfile reports a failed write(2) as just "System error."
+        reason = (file is not None and _libsndfile_reason(file)) or str(error).strip() or type(error).__name__
+    try:
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < _FULL_DISK_BYTES:
+            reason += " (the disk is full)"
+    except OSError:
+        pass
+    return AudioWriteError(f"cannot write {path}: {reason}")
+
+
 def _resolve(path: str | os.PathLike) -> tuple[str, str, str]:
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
@@ -44,19 +81,29 @@ def _resolve(path: str | os.PathLike) -> tuple[str, str, str]:
             f"Unsupported audio file extension {ext or '(none)'!r} in {path}; "
             f"use one of {supported_extensions()}"
         )
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"Output path {path} is a folder; give a file name inside it")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise NotADirectoryError(f"Output folder {parent} is a file, not a folder")
         raise FileNotFoundError(f"Output folder {parent} does not exist")
     fmt, subtype = _FORMATS[ext]
     return path, fmt, subtype
 
 
 def check_output_path(path: str | os.PathLike) -> None:
-    """Raise before any work if ``path`` cannot be written: bad extension, no folder, no permission."""
-    _resolve(path)
-    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"Output folder {parent} is not writable")
+    """Raise before any work if ``path`` cannot be written: bad extension, a folder in its place,
+    no folder, or a folder where no file can be created (tried for real: permission bits,
+    read-only mounts and root all answer correctly)."""
+    path, _, _ = _resolve(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.remove(_temp_path(path))
+    except PermissionError:
+        raise PermissionError(f"Output folder {parent} is not writable") from None
+    except OSError as e:
+        raise _write_error(path, e) from None
 
 
 def _check_sample_rate(sample_rate: int) -> int:
@@ -102,6 +149,8 @@ class AudioFileWriter:
     Raises:
         ValueError: Unsupported extension or invalid sample rate.
         FileNotFoundError: The output folder does not exist.
+        IsADirectoryError: ``path`` is an existing folder.
+        AudioWriteError: The file cannot be created or written (here, in ``write`` or ``close``).
     """
 
     def __init__(self, path: str | os.PathLike, sample_rate: int, keep_partial: bool = False):
@@ -109,11 +158,16 @@ class AudioFileWriter:
         self.sample_rate = _check_sample_rate(sample_rate)
         self.keep_partial = keep_partial
         self.frames_written = 0
-        self._tmp = _temp_path(self.path)
+        try:
+            self._tmp = _temp_path(self.path)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
         try:
             self._file = sf.SoundFile(self._tmp, "w", self.sample_rate, 1, subtype=subtype, format=fmt)
-        except BaseException:
+        except BaseException as e:
             os.remove(self._tmp)
+            if isinstance(e, Exception):
+                raise _write_error(self.path, e) from None
             raise
         self._done = False
 
@@ -127,7 +181,12 @@ class AudioFileWriter:
         if self._done:
             raise ValueError(f"AudioFileWriter for {self.path} is already closed")
         samples = _as_mono(chunk, "chunk")
-        self._file.write(samples)
+        try:
+            self._file.write(samples)
+        except Exception as e:  # OSError, LibsndfileError, soundfile's short-write assertion
+            error = _write_error(self.path, e, self._file)
+            self.abort()
+            raise error from None
         self.frames_written += samples.shape[0]
 
     def close(self) -> None:
@@ -138,8 +197,10 @@ class AudioFileWriter:
         try:
             self._file.close()
             os.replace(self._tmp, self.path)
-        except BaseException:
+        except BaseException as e:
             _remove_quietly(self._tmp)
+            if isinstance(e, Exception):
+                raise _write_error(self.path, e) from None
             raise
 
     def abort(self) -> None:
@@ -149,6 +210,8 @@ class AudioFileWriter:
         self._done = True
         try:
             self._file.close()
+        except Exception:
+            pass  # discarding anyway: a failed flush of what is thrown away does not matter
         finally:
             _remove_quietly(self._tmp)
 

@@ -5,31 +5,36 @@
     echo "Piped text works too." | python -m mlx_speech.generate --output out.flac
 
 A thin layer over ``load`` and ``longform.stream_generate_long`` (``stream_generate`` for text of
-any length: long text is spoken in sentence-bounded pieces joined by a short crossfade):
-argument checks, progress, summary.
+any length: long text is spoken in sentence-bounded pieces joined by a short crossfade).
+
+Every argument is checked before the model loads, and this module imports no MLX at the top
+(MLX and mlx-lm take about a second to import): ``--help``, ``--list-voices`` of an MLX folder
+and any mistake answer at once, with one line naming the flag and exit status 2. SIGTERM and
+SIGHUP stop like Ctrl-C: the audio made so far is kept in ``--output``, exit 128 + the signal.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
-from pathlib import Path
+from contextlib import contextmanager
 
-from .generation import (
+from .cli_checks import CONFIG_FILE, CLIError, Job, check_args, local_model_folder, voice_names
+from .cli_progress import BestEffortStream, Progress
+from .options import (
     DEFAULT_CFG_ALPHA,
     DEFAULT_CHUNK_FRAMES,
     DEFAULT_FLOW_STEPS,
+    DEFAULT_MAX_CHARS,
     DEFAULT_MAX_FRAMES,
     DEFAULT_VOICE,
 )
-from .longform import DEFAULT_MAX_CHARS, check_text
+from .signals import STOP_SIGNALS, exit_status, graceful_signals
 
 DEFAULT_MODEL = "mistralai/Voxtral-4B-TTS-2603"
-
-
-class CLIError(Exception):
-    """A bad argument: printed as one line, exit status 2."""
+BROKEN_PIPE_STATUS = 128 + 13  # a listing cut short by its reader, as if killed by SIGPIPE
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -50,103 +55,115 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-devices", action="store_true", help="list audio output devices and exit")
     p.add_argument("--seed", type=int, default=None, help="seed for the flow-matching noise (reproducible output)")
     p.add_argument("--max-frames", type=int, default=DEFAULT_MAX_FRAMES,
-                   help=f"stop after this many 80 ms frames (default: {DEFAULT_MAX_FRAMES})")
+                   help=f"stop each piece of text after this many 80 ms frames (default: {DEFAULT_MAX_FRAMES})")
     p.add_argument("--cfg-alpha", type=float, default=DEFAULT_CFG_ALPHA,
-                   help=f"classifier-free guidance strength (default: {DEFAULT_CFG_ALPHA})")
+                   help=f"classifier-free guidance strength, 0 to 10 (default: {DEFAULT_CFG_ALPHA})")
     p.add_argument("--flow-steps", type=int, default=DEFAULT_FLOW_STEPS,
-                   help=f"Euler steps per frame; fewer is faster, rougher (default: {DEFAULT_FLOW_STEPS})")
+                   help=f"Euler steps per frame, 1 to 64; fewer is faster, rougher (default: {DEFAULT_FLOW_STEPS})")
     p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
                    help=f"refuse text longer than this many characters (default: {DEFAULT_MAX_CHARS})")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line or summary")
     return p
 
 
-def read_text(args) -> str:
-    if args.text is not None:
-        text = args.text
-    elif args.file is not None:
-        try:
-            text = Path(args.file).read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise CLIError(f"text file {args.file!r} does not exist") from None
-        except UnicodeDecodeError as e:
-            raise CLIError(f"text file {args.file!r} is not valid UTF-8 (byte {e.start})") from None
-    elif not sys.stdin.isatty():
-        text = sys.stdin.read()
-    else:
-        raise CLIError("no text: pass --text \"...\", --file FILE, or pipe text on standard input")
-    if not text.strip():
-        raise CLIError("the text is empty; give some text to speak")
-    return text
+# ---- listings ------------------------------------------------------------------------------
 
 
-def _list_devices() -> None:
-    from .player import list_output_devices
+class _ListingCut(Exception):
+    """Standard output was closed by its reader (``--list-voices | head -1``)."""
 
-    devices = list_output_devices()
-    for index, name, rate in devices:
-        print(f"{index:3d}  {name}  ({rate:.0f} Hz)")
+
+def _print_lines(lines: list[str]) -> None:
+    try:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        BestEffortStream(sys.stdout)._silence()  # the interpreter's last flush must not fail
+        raise _ListingCut from None
+
+
+def _list_devices() -> int:
+    from .player import PlayerError, list_output_devices
+
+    try:
+        devices = list_output_devices()
+    except PlayerError as e:
+        raise CLIError(str(e)) from None
+    _print_lines([f"{index:3d}  {name}  ({rate:.0f} Hz)" for index, name, rate in devices])
     if not devices:
         print("no audio output devices found", file=sys.stderr)
+    return 0
 
 
-def _list_voices(model_path) -> None:
-    from .utils import VOICES_DIR, resolve_model
+def _list_voices(model: str) -> int:
     from .voices import voice_info
 
-    path = resolve_model(model_path, verbose=True)
-    print(f"{'voice':<16} {'language':<20} gender")
-    for f in sorted((path / VOICES_DIR).glob("*.safetensors")):
-        language, gender = voice_info(f.stem)
-        print(f"{f.stem:<16} {language:<20} {gender}")
+    folder = local_model_folder(model)
+    if folder is None or not (folder / CONFIG_FILE).is_file():  # a release or Hub id: convert first
+        from .utils import resolve_model
+
+        folder = resolve_model(model, verbose=True)
+    lines = [f"{'voice':<16} {'language':<20} gender"]
+    for name in voice_names(folder):
+        language, gender = voice_info(name)
+        lines.append(f"{name:<16} {language:<20} {gender}")
+    _print_lines(lines)
+    return 0
 
 
-def _device(arg):
-    return int(arg) if arg is not None and arg.isdigit() else arg
+# ---- speaking ------------------------------------------------------------------------------
 
 
-def run(args) -> int:
-    if args.list_devices:
-        _list_devices()
-        return 0
-    if args.list_voices:
-        _list_voices(args.model)
-        return 0
-    text = read_text(args)
-    check_text(text, args.max_chars)  # before loading the model
-    play = args.play or args.output is None
-    from .audio_io import AudioFileWriter, check_output_path
+@contextmanager
+def _ignoring_stop_signals():
+    """A second Ctrl-C while the partial file is finalized must not lose it (milliseconds)."""
+    signals = (signal.SIGINT, *STOP_SIGNALS)
+    try:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    except ValueError:  # not the main thread: nothing to ignore
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
-    if args.output is not None:
-        check_output_path(args.output)
 
-    from . import load
+def _expected_seconds(text: str) -> float:
+    """Rough speech length for planning playback: about 15 characters per second."""
+    return max(1.0, len(text) / 15.0)
+
+
+def _open_player(model, job: Job, progress: Progress):
+    from .player import AudioPlayer, PlayerError
+
+    try:
+        return AudioPlayer(model.config.sample_rate, device=job.device)
+    except PlayerError as e:
+        if job.output is None:
+            raise CLIError(str(e)) from None
+        progress.line(f"warning: {e}; writing {job.output} only")
+        return None
+
+
+def _interrupted(e: KeyboardInterrupt) -> str:
+    signum = getattr(e, "signum", None)  # signals.Terminated: SIGTERM or SIGHUP
+    return "interrupted" + (f" ({signal.Signals(signum).name})" if signum else "")
+
+
+def speak(model, job: Job, args, progress: Progress) -> int:
+    """Generate, writing and/or playing as the chunks come; the summary at the end."""
+    from .audio_io import AudioFileWriter
     from .longform import stream_generate_long
 
-    t0 = time.perf_counter()
-    model = load(args.model, verbose=not args.quiet)
-    if args.voice not in model.voices:
-        raise CLIError(f"unknown voice {args.voice!r}; choose one of: {', '.join(model.voices)}")
-    load_s = time.perf_counter() - t0
-    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
-    log(f"loaded {args.model} in {load_s:.1f} s; speaking with voice {args.voice}")
-
-    player = writer = None
-    if play:
-        from .player import AudioPlayer, PlayerError
-
-        try:
-            player = AudioPlayer(model.config.sample_rate, device=_device(args.device))
-        except PlayerError as e:
-            if args.output is None:
-                raise
-            log(f"warning: {e}; writing {args.output} only")
-    if args.output is not None:
-        writer = AudioFileWriter(args.output, model.config.sample_rate)
-    last = None
+    player = _open_player(model, job, progress) if job.play else None
+    writer = last = None
     request_start = time.perf_counter()
     try:
-        for last in stream_generate_long(model, text, args.voice, seed=args.seed, max_chars=args.max_chars,
+        if job.output is not None:
+            writer = AudioFileWriter(job.output, model.config.sample_rate)
+        for last in stream_generate_long(model, job.text, args.voice, seed=args.seed, max_chars=args.max_chars,
                                          max_frames=args.max_frames, cfg_alpha=args.cfg_alpha,
                                          flow_steps=args.flow_steps):
             if writer is not None:
@@ -155,61 +172,88 @@ def run(args) -> int:
                 if last.frames == len(last.codes):  # first chunk: plan the start buffer
                     # The lead must cover producing a regular (later, larger) chunk.
                     chunk_s = DEFAULT_CHUNK_FRAMES * model.config.samples_per_frame / model.config.sample_rate
-                    player.plan(expected_seconds=_expected_seconds(text), chunk_seconds=chunk_s,
+                    player.plan(expected_seconds=_expected_seconds(job.text), chunk_seconds=chunk_s,
                                 real_time_factor=last.real_time_factor)
                 player.queue(last.audio)
-            log(f"\r{last.audio_seconds:7.2f} s of audio  {last.real_time_factor:5.2f}x real time  "
-                f"{last.frames} frames", end="")
-        log("")
-    except KeyboardInterrupt:
-        log("\ninterrupted")
-        if player is not None:
-            player.abort()
+            progress.chunk(last)
+        progress.end_status()
         if writer is not None:
-            writer.close()  # keep what was generated
-            log(f"partial audio written to {args.output}")
-        return 130
+            writer.close()  # complete now: a Ctrl-C while the rest plays keeps all of it
+        if player is not None:
+            player.close(report=progress.playing)
+            progress.end_status()
+    except KeyboardInterrupt as e:
+        with _ignoring_stop_signals():
+            if player is not None:
+                player.abort()  # silence at once
+            if writer is not None:
+                writer.close()  # keep what was generated
+        complete = last is not None and last.finish_reason is not None
+        progress.line(_interrupted(e))
+        if writer is not None:
+            progress.line(f"{'audio' if complete else 'partial audio'} written to {job.output}")
+        return exit_status(e)
     except BaseException:
         if player is not None:
             player.abort()
         if writer is not None:
             writer.abort()
         raise
-    if writer is not None:
-        writer.close()
-    if player is not None:
-        player.close()
     if last is not None:
-        log(f"frames: {last.frames} | audio: {last.audio_seconds:.2f} s | wall: {last.elapsed:.2f} s | "
-            f"{last.real_time_factor:.2f}x real time | peak memory: {_memory(last.peak_memory)} | "
-            f"finish: {last.finish_reason}"
-            + (f" | underruns: {player.underruns}" if player is not None else "")
-            + (f" | first audio after {player.first_output_time - request_start:.2f} s"
-               if player is not None and player.first_output_time is not None else "")
-            + (f" | wrote {args.output}" if writer is not None else ""))
+        progress.summary(last, max_frames=args.max_frames, player=player, request_start=request_start,
+                         output=job.output)
     return 0
 
 
-def _memory(gb: float) -> str:
-    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
+def run(args, progress: Progress) -> int:
+    if args.list_devices:
+        return _list_devices()
+    if args.list_voices:
+        return _list_voices(args.model)
+    job = check_args(args)  # before the (slow) MLX import and model load
+    for warning in job.warnings:
+        progress.line(warning)
 
+    from . import load
 
-def _expected_seconds(text: str) -> float:
-    """Rough speech length for planning playback: about 15 characters per second."""
-    return max(1.0, len(text) / 15.0)
+    t0 = time.perf_counter()
+    model = load(args.model, verbose=not args.quiet)
+    if args.voice not in model.voices:
+        raise CLIError(f"--voice: unknown voice {args.voice!r}; choose one of: {', '.join(model.voices)}")
+    progress.info(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s; speaking with voice {args.voice}")
+    return speak(model, job, args, progress)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m mlx_speech.generate`` and ``mlx-speech-generate``."""
     args = setup_arg_parser().parse_args(argv)
-    from .player import PlayerError
-
+    # Progress must never cost the audio: stderr (and stdout, unless it carries a listing)
+    # turn silent instead of raising when their reader goes away or the device is full.
+    streams = sys.stdout, sys.stderr
+    sys.stderr = BestEffortStream(sys.stderr)
+    if not (args.list_voices or args.list_devices):
+        sys.stdout = BestEffortStream(sys.stdout)
+    progress = Progress(sys.stderr, quiet=args.quiet)
     try:
-        code = run(args)
+        with graceful_signals():
+            code = run(args, progress)
+    except KeyboardInterrupt as e:  # during the MLX import or the model load
+        progress.line(_interrupted(e))
+        code = exit_status(e)
+    except _ListingCut:
+        code = BROKEN_PIPE_STATUS
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            PermissionError, PlayerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            IsADirectoryError, PermissionError) as e:
+        progress.line(f"error: {e}")
         code = 2
+    except OSError as e:  # the output could not be written (full disk, I/O error)
+        progress.line(f"error: {e}")
+        code = 1
+    finally:  # for callers in the same process; a broken stream stays silenced
+        for name, original in zip(("stdout", "stderr"), streams):
+            current = getattr(sys, name)
+            if isinstance(current, BestEffortStream) and not current.broken:
+                setattr(sys, name, original)
     raise SystemExit(code)
 
 

@@ -3,8 +3,9 @@
 The generator hands chunks to ``AudioPlayer.queue``; an output-stream callback copies them out
 of a lock-protected ring buffer. On an underrun the callback writes silence and counts it
 instead of stopping the stream. Playback starts once enough audio is buffered to finish without
-a gap at the measured generation speed (``plan``); a few-millisecond fade removes clicks at the
-very start and end; ``close`` drains everything before closing the stream. When the device does
+a gap at the generation speed: measured by the player itself from the chunks' arrival times, or
+given by the caller (``plan``); a few-millisecond fade removes clicks at the very start and end;
+``close`` drains everything before closing the stream. When the device does
 not take 24 kHz, audio is converted with a streaming band-limited resampler. This module imports
 nothing from the package.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,6 +46,48 @@ def _sounddevice():
             "or write to a file with --output"
         ) from None
     return sounddevice
+
+
+def start_lead(expected_seconds: float | None, real_time_factor: float, chunk_seconds: float) -> float:
+    """Seconds of audio to buffer before starting, so that a steady producer never runs dry.
+
+    A producer making ``real_time_factor`` audio seconds per wall second, in chunks of up to
+    ``chunk_seconds``, started with B seconds buffered: a chunk covering audio [a, a + c) is ready
+    at (a + c)/r and due at B/r + a, so B ≥ c + (1 − r)·a for every chunk. That is one chunk
+    when r ≥ 1, and c + (1 − r)·(E − c) when r < 1 (E: the whole length; the deficit gets a 10%
+    margin). With r < 1 and E unknown (None) no finite lead is enough: infinity (play from the end).
+    """
+    if real_time_factor >= 1.0:
+        return chunk_seconds
+    if expected_seconds is None:
+        return math.inf
+    deficit = (1.0 - max(real_time_factor, 0.0)) * max(expected_seconds - chunk_seconds, 0.0)
+    return chunk_seconds + PLAN_MARGIN * deficit
+
+
+def check_output_device(device=None) -> None:
+    """Raise ``PlayerError`` unless audio can be played on ``device`` (None: the default output).
+
+    Cheap (no stream is opened), so a command can check before its slow work starts.
+    """
+    sd = _sounddevice()
+    try:
+        devices = sd.query_devices()
+    except Exception as e:
+        raise PlayerError(f"cannot list audio devices: {_first_line(e)}") from None
+    if not any(d["max_output_channels"] > 0 for d in devices):
+        raise PlayerError("no audio output device found; write to a file with --output instead")
+    if device is None:
+        return
+    try:
+        sd.query_devices(device, "output")
+    except Exception as e:  # ValueError (no match, several, not an output), PortAudioError (index)
+        raise PlayerError(f"no audio output device {device!r}: {_first_line(e)} (see --list-devices)") from None
+
+
+def _first_line(error: BaseException) -> str:
+    # sounddevice lists every candidate on further lines when a name matches several devices.
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(":")
 
 
 def list_output_devices() -> list[tuple[int, str, float]]:
@@ -152,12 +196,23 @@ class AudioPlayer:
         blocksize: frames per callback (0: let PortAudio choose).
         latency: output latency in seconds asked of the device.
         device_rate: open the device at this rate (resampling to it) instead of choosing one.
+        expected_seconds: rough length of the whole stream, if known: lets playback start before
+            the end when the producer is slower than real time (see below).
+        clock: wall-clock seconds for timing chunk arrivals (tests inject a simulated one).
 
     Raises:
         PlayerError: PortAudio is missing, there is no output device, or it cannot be opened.
 
     ``queue`` chunks as they come, ``finish`` when no more will come, then ``close`` (which
-    drains); or use it as a context manager (an exception aborts). Attributes: ``underruns``
+    drains); or use it as a context manager (an exception aborts).
+
+    When playback starts: unless ``plan`` was called, the player measures the producer itself.
+    The first chunk is timed but not counted (it carries the prompt's prefill); from the second
+    on, the rate r is the audio queued since the first chunk per wall second since it, and c the
+    longest chunk. Playback starts once the buffer holds ``start_lead(expected_seconds, r, c)``:
+    one chunk when the producer is faster than real time (so with ``stream_generate``, at the
+    second chunk), more when slower; when slower and ``expected_seconds`` is unknown, at
+    ``finish`` (the only gap-free start without knowing the length). Attributes: ``underruns``
     counts the gaps where playback ran dry before ``finish`` (silence was played meanwhile);
     ``start_time`` and ``first_output_time`` are the ``time.perf_counter()`` at which the stream
     was started and at which the first queued sample was handed to the device; ``device_rate``
@@ -166,7 +221,8 @@ class AudioPlayer:
 
     def __init__(self, sample_rate: int, device=None, fade_ms: float = DEFAULT_FADE_MS,
                  stream_factory=None, blocksize: int = 0, device_rate: int | None = None,
-                 latency: float = DEFAULT_LATENCY_S):
+                 latency: float = DEFAULT_LATENCY_S, expected_seconds: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.sample_rate = sample_rate
         self.device = device
         self.underruns = 0
@@ -179,7 +235,11 @@ class AudioPlayer:
         self._read = 0  # total samples handed to the device (advanced by the callback only)
         self._write = 0  # total samples queued (advanced by the producer only)
         self._finished = self._started = self._closed = self._starving = False
-        self._start_threshold = 0  # samples to buffer before starting
+        self._start_threshold: int | None = None  # samples to buffer before starting (plan)
+        self._expected_seconds = expected_seconds
+        self._clock = clock
+        self._first_arrival: tuple[float, int] | None = None  # (clock, samples queued) at chunk 1
+        self._longest_chunk = 0  # device samples, chunks after the first
         self._end_dac: float | None = None  # stream time at which the last sample is played
         if stream_factory is None:
             sd = _sounddevice()
@@ -214,23 +274,17 @@ class AudioPlayer:
 
     # ---- producer side -----------------------------------------------------------------
     def plan(self, expected_seconds: float, real_time_factor: float, chunk_seconds: float) -> None:
-        """Set how much audio to buffer before starting, so that playback never runs dry.
+        """Set how much audio to buffer before starting, instead of measuring the producer.
 
         Args:
             expected_seconds: estimated length of the whole utterance.
             real_time_factor: measured audio seconds generated per wall second.
             chunk_seconds: audio per chunk after the first (the longest wait between chunks).
 
-        Starting with B seconds buffered means starting at wall time B/r. A chunk covering audio
-        [a, a + c) is ready at (a + c)/r and due at B/r + a, so B ≥ c + (1 − r)·a for every
-        chunk: one chunk when r ≥ 1, and c + (1 − r)·(E − c) when r < 1 (the last chunk; the
-        deficit gets a 10% margin). Call before queuing; a threshold longer than the utterance
-        starts playback at ``finish``.
+        The lead is ``start_lead(expected_seconds, real_time_factor, chunk_seconds)``. Call
+        before queuing; a threshold longer than the utterance starts playback at ``finish``.
         """
-        lead = chunk_seconds
-        if real_time_factor < 1.0:
-            deficit = (1.0 - max(real_time_factor, 0.0)) * max(expected_seconds - chunk_seconds, 0.0)
-            lead += PLAN_MARGIN * deficit
+        lead = start_lead(expected_seconds, real_time_factor, chunk_seconds)
         self._start_threshold = int(math.ceil(lead * self.device_rate))
 
     def queue(self, audio: np.ndarray) -> None:
@@ -241,9 +295,26 @@ class AudioPlayer:
             x = x.copy()
             x[:n] *= (np.arange(self._faded, self._faded + n, dtype=np.float32) / self._fade_in)
             self._faded += n
-        self._put(self._resample(x))
-        if not self._started and self._write - self._read >= max(self._start_threshold, 1):
+        x = self._resample(x)
+        self._put(x)
+        if not self._started and self._write - self._read >= max(self._threshold(len(x)), 1):
             self._start()
+
+    def _threshold(self, chunk: int) -> float:
+        """Samples to buffer before starting: planned, or from the arrivals measured so far."""
+        if self._start_threshold is not None:
+            return self._start_threshold
+        now = self._clock()
+        if self._first_arrival is None:
+            if chunk:
+                self._first_arrival = (now, self._write)
+            return math.inf  # one chunk says nothing about the rate
+        self._longest_chunk = max(self._longest_chunk, chunk)
+        t0, queued0 = self._first_arrival
+        produced = (self._write - queued0) / self.device_rate
+        rate = produced / (now - t0) if now > t0 else math.inf
+        lead = start_lead(self._expected_seconds, rate, self._longest_chunk / self.device_rate)
+        return lead * self.device_rate
 
     def finish(self) -> None:
         """No more audio will come: fade out the tail and start playback if not yet started."""
@@ -267,18 +338,34 @@ class AudioPlayer:
         """Block until everything queued was handed to the device (after ``finish``)."""
         return self._drained.wait(timeout)
 
-    def close(self) -> None:
-        """Finish, drain (bounded by the buffered length plus slack), then close the stream."""
+    def close(self, report: Callable[[float], None] | None = None, interval: float = 0.1) -> None:
+        """Finish, drain (bounded by the buffered length plus slack), then close the stream.
+
+        ``report(seconds_left)``, if given, is called about every ``interval`` seconds while the
+        rest plays (for a "playing: 3.2 s left" display). An exception from ``report`` or a
+        Ctrl-C while draining propagates; ``abort`` then stops the sound at once.
+        """
         if self._closed:
             return
         self.finish()
         if self._started:
-            if not self.wait(self.buffered_seconds + self.latency + _DRAIN_SLACK_S):
+            if not self._drain(self.buffered_seconds + self.latency + _DRAIN_SLACK_S, report, interval):
                 return self.abort()  # the device stopped calling back; do not hang
             time.sleep(self._device_tail(self.latency))  # let the device play its own buffer out
             self._stream.stop()
         self._closed = True
         self._stream.close()
+
+    def _drain(self, timeout: float, report, interval: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if report is not None:
+                report(self.seconds_left)
+            left = deadline - time.monotonic()
+            if self.wait(max(min(interval, left), 0.0)):
+                return True
+            if left <= interval:
+                return False
 
     def abort(self) -> None:
         """Stop at once (Ctrl-C): close the stream without draining."""
@@ -308,6 +395,11 @@ class AudioPlayer:
     def buffered_seconds(self) -> float:
         """Audio queued but not yet handed to the device."""
         return (self._write - self._read) / self.device_rate
+
+    @property
+    def seconds_left(self) -> float:
+        """Roughly how long until everything queued has been heard (buffer + device latency)."""
+        return self.buffered_seconds + (self.latency if self._started else 0.0)
 
     # ---- internals ---------------------------------------------------------------------
     def _start(self):

@@ -77,7 +77,10 @@ class ThreadedStream(FakeStream):
         self._thread.join(5)
 
 
-def make_player(stream_cls=FakeStream, **kwargs):
+def make_player(stream_cls=FakeStream, start_at_once=True, **kwargs):
+    """A player on a fake stream. ``start_at_once``: an explicit plan with no lead, so playback
+    starts with the first sample (the tests of ordering, underruns and ends need that); False
+    leaves the player to plan from the arrivals it sees."""
     made = []
 
     def factory(**stream_kwargs):
@@ -85,6 +88,8 @@ def make_player(stream_cls=FakeStream, **kwargs):
         return made[0]
 
     p = AudioPlayer(SR, stream_factory=factory, **{"fade_ms": 0.0, **kwargs})
+    if start_at_once:
+        p.plan(expected_seconds=0.0, real_time_factor=1.0, chunk_seconds=0.0)
     return p, made[0]
 
 
@@ -216,6 +221,85 @@ def test_planned_start_never_runs_dry_and_is_not_needlessly_late(rtf):
     earliest = next(j for j in range(len(seconds)) if safe(j))
     # Late only by the 10% margin on the deficit, plus the chunk that crosses it.
     assert ends[k] <= ends[earliest] + 0.1 * (1 - min(rtf, 1)) * ends[-1] + 0.8 + 1e-9
+
+
+# ---- planning from the arrivals it sees (no plan() call) -------------------------------------
+
+
+def simulate(p, stream, rtf: float, seconds: list[float], now: list[float], prefill: float = 0.5):
+    """Drive ``p`` in simulated time: a steady producer at ``rtf`` (the chunk ending at audio time
+    b is ready at prefill + b / rtf) and a device pulling one block per block duration. Returns
+    the simulated time at which playback started and the chunk count queued by then."""
+    sizes = [round(s * SR) for s in seconds]
+    ready = prefill + np.cumsum(sizes) / SR / rtf
+    tick = stream.blocksize / SR
+    queued, start, step = 0, None, 0
+    while not p.wait(0):
+        now[0] = step * tick
+        while queued < len(sizes) and ready[queued] <= now[0]:
+            p.queue(np.ones(sizes[queued], np.float32))
+            queued += 1
+            if queued == len(sizes):
+                p.finish()
+        if stream.started:
+            if start is None:
+                start = (now[0], queued)
+            stream.pump()
+        step += 1
+        assert step < 10**6, "the simulation does not end"
+    return start
+
+
+def auto_player(**kwargs):
+    now = [0.0]
+    p, stream = make_player(start_at_once=False, blocksize=240, clock=lambda: now[0], **kwargs)
+    return p, stream, now
+
+
+@pytest.mark.parametrize("rtf", [1.2, 2.0, 6.0])
+def test_without_plan_a_faster_producer_plays_gap_free_from_the_second_chunk(rtf):
+    p, stream, now = auto_player()
+    seconds = first_chunk_then(0.8, 8.08)
+    (_, queued) = simulate(p, stream, rtf, seconds, now)
+    assert p.underruns == 0
+    assert queued == 2  # one regular chunk of lead, as plan() gives the CLI
+    expected = np.ones(round(sum(seconds) * SR))
+    out = stream.output
+    np.testing.assert_array_equal(out[: len(expected)], expected)  # no silence inside: no gap
+
+
+@pytest.mark.parametrize("rtf", [0.3, 0.6, 0.9])
+def test_without_plan_a_slower_producer_plays_gap_free(rtf):
+    seconds = first_chunk_then(0.8, 8.08)
+    # Length unknown: gap-free only by starting at the end.
+    p, stream, now = auto_player()
+    start, queued = simulate(p, stream, rtf, seconds, now)
+    assert p.underruns == 0 and queued == len(seconds)
+    # Length known (roughly, as the CLI estimates it): starts early, still without a gap.
+    p, stream, now = auto_player(expected_seconds=sum(seconds))
+    start, queued = simulate(p, stream, rtf, seconds, now)
+    assert p.underruns == 0
+    assert queued < len(seconds), "playback could have started before the end"
+    np.testing.assert_array_equal(stream.output[: round(sum(seconds) * SR)], 1.0)
+
+
+def test_starting_at_the_first_chunk_underruns_in_the_same_simulation():
+    # What the player did before it planned by itself (and callers that never called plan got):
+    # the 80 ms first chunk runs out before the next 0.8 s chunk exists. Shows the simulation
+    # above can see a gap.
+    p, stream, now = auto_player()
+    p.plan(expected_seconds=0.0, real_time_factor=1.0, chunk_seconds=0.0)
+    simulate(p, stream, 1.5, first_chunk_then(0.8, 8.08), now)
+    assert p.underruns == 1
+
+
+def test_close_reports_the_time_left_while_the_rest_plays():
+    p, stream = make_player(ThreadedStream)
+    p.queue(np.ones(SR // 2, np.float32))
+    left: list[float] = []
+    p.close(report=left.append, interval=0.001)
+    assert stream.stopped and left and left[0] <= 0.5
+    assert all(a >= b for a, b in zip(left, left[1:]))  # counts down
 
 
 # ---- fades -------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""The command line's checks before the model loads: every argument, the text, the output path,
+the audio device, the model folder and voice where they can be known without MLX.
+
+Each refusal is a ``CLIError`` or ``ValueError`` of one line naming the flag the user typed
+(``--max-frames``, not ``max_frames``); ``generate`` prints it and exits with status 2. Imports
+no MLX (nor NumPy, unless ``--output`` or ``--play`` needs it).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .options import check_int, check_options, check_text
+
+# An MLX model folder's layout (utils.CONFIG_FILE, utils.VOICES_DIR; utils imports MLX).
+CONFIG_FILE = "config.json"
+VOICES_DIR = "voices"
+
+
+class CLIError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def flag(name: str) -> str:
+    """The flag a user types for an option's Python name: ``max_frames`` → ``--max-frames``."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class Job:
+    """A checked request: what to say, where the audio goes."""
+
+    text: str
+    output: str | None
+    play: bool
+    device: int | str | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _decode(data: bytes, source: str, max_chars: int) -> str:
+    if len(data) > 4 * max_chars:  # UTF-8 takes at most 4 bytes a character
+        raise CLIError(f"{source} holds more than {max_chars} characters, the limit (--max-chars); "
+                       "shorten it or raise --max-chars")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{source} is not valid UTF-8 (byte {e.start})") from None
+
+
+def _read_file(name: str, limit: int) -> bytes:
+    what = f"--file: text file {name!r}"
+    try:
+        with open(name, "rb") as f:
+            return f.read(limit)  # bounded: a huge file or /dev/zero is refused, not slurped
+    except FileNotFoundError:
+        raise CLIError(f"{what} does not exist") from None
+    except IsADirectoryError:
+        raise CLIError(f"--file: {name!r} is a folder, not a text file") from None
+    except OSError as e:
+        raise CLIError(f"{what} cannot be read: {e.strerror or e}") from None
+
+
+def read_text(args) -> str:
+    """The text to speak, from --text, --file or standard input, checked (length, characters)."""
+    limit = 4 * args.max_chars + 1
+    if args.text is not None:
+        text = args.text
+    elif args.file is not None:
+        text = _decode(_read_file(args.file, limit), f"text file {args.file!r}", args.max_chars)
+    elif sys.stdin is not None and not sys.stdin.isatty():
+        text = _decode(sys.stdin.buffer.read(limit), "standard input", args.max_chars)
+    else:
+        raise CLIError("no text: pass --text \"...\", --file FILE, or pipe text on standard input")
+    if not text.strip():
+        raise CLIError("the text is empty; give some text to speak")
+    if len(text) > args.max_chars:
+        raise CLIError(f"the text is {len(text)} characters, over the limit of {args.max_chars} "
+                       "(--max-chars); shorten it or raise --max-chars")
+    check_text(text, None)  # control characters
+    return text
+
+
+def local_model_folder(model: str) -> Path | None:
+    """The folder ``--model`` names, or None for a Hub repo id; refuses a missing path."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"--model {model}: this is a file; give the model folder")
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise CLIError(f"--model {model}: no such folder (nor a Hub repo id like 'owner/name')")
+    return None
+
+
+def voice_names(folder: Path) -> list[str]:
+    """The voices of an MLX model folder, read from its file names (no MLX needed)."""
+    return sorted(f.stem for f in (folder / VOICES_DIR).glob("*.safetensors"))
+
+
+def _device(arg: str | None):
+    return int(arg) if arg is not None and arg.isdigit() else arg
+
+
+def check_args(args) -> Job:
+    """Every check that needs no model: the arguments, in the order a user reads them, then the
+    sound system."""
+    check_options(cfg_alpha=args.cfg_alpha, flow_steps=args.flow_steps, max_frames=args.max_frames,
+                  seed=args.seed, name=flag)
+    check_int(args.max_chars, "--max-chars", 1)
+    job = Job(text=read_text(args), output=args.output, play=args.play or args.output is None,
+              device=_device(args.device))
+    if args.output is not None:
+        from .audio_io import check_output_path
+
+        try:
+            check_output_path(args.output)
+        except (ValueError, OSError) as e:
+            raise CLIError(f"--output: {e}") from None
+    folder = local_model_folder(args.model)
+    if folder is not None and (folder / CONFIG_FILE).is_file():
+        voices = voice_names(folder)
+        if args.voice not in voices:
+            raise CLIError(f"--voice: unknown voice {args.voice!r}; choose one of: {', '.join(voices)}")
+    # Last: the sound system is the machine's state, not a typo on the command line.
+    if job.play:
+        from .player import PlayerError, check_output_device
+
+        try:
+            check_output_device(job.device)
+        except PlayerError as e:
+            if args.output is None or args.device is not None:
+                raise CLIError(f"--device: {e}" if args.device is not None else str(e)) from None
+            job.warnings.append(f"warning: {e}; writing {args.output} only")
+            job.play = False
+    elif args.device is not None:
+        job.warnings.append("warning: --device is ignored without --play")
+    return job
