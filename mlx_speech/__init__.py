@@ -22,6 +22,10 @@ _EXPORTS = {
     "stream_generate": "generation",
     "Tokenizer": "tokenizer",
     "load": "utils",
+    "Voice": "voice_file",
+    "codes_to_voice": "voice_codes",
+    "voice_to_codes": "voice_codes",
+    "enroll": "enroll",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
