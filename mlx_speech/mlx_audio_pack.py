@@ -207,7 +207,7 @@ def _shown(names: list[str]) -> str:
 
 
 def check_pack_header(header: dict[str, dict], expected: dict[str, tuple], q: dict | None,
-                  source: Path, config_file: Path) -> list[str]:
+                      source: Path, config_file: Path) -> list[str]:
     """The pack's quantized layers (mlx-audio's names), after refusing, in one CheckpointError
     naming ``source``, missing, unexpected, mis-shaped or mis-typed tensors.
 
@@ -232,7 +232,8 @@ def check_pack_header(header: dict[str, dict], expected: dict[str, tuple], q: di
             if t is None:
                 missing.append(layer + suffix)
             elif tuple(t["shape"]) != shape or t["dtype"] not in dtypes:
-                bad.append(f"{layer}{suffix} {t['dtype']} {tuple(t['shape'])} (expected {shape}, {bits}-bit group {gs})")
+                bad.append(f"{layer}{suffix} {t['dtype']} {tuple(t['shape'])} "
+                           f"(expected {shape}, {bits}-bit group {gs})")
     quantized_names = {layer + s for layer in quantized for s in (".weight", ".scales", ".biases")}
     for name, shape in expected.items():
         t = header.get(name)

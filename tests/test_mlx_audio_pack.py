@@ -238,7 +238,28 @@ def test_bits_that_do_not_fit_the_weights_are_named(packs, tmp_path):
 def test_unquantized_pack_with_a_config_shape_mismatch(packs, tmp_path):
     folder = _edited_copy(packs["bf16"], tmp_path)
     _edit_config(folder, lambda c: c.update(hidden_dim=96))
-    with pytest.raises(CheckpointError, match=r"wrong shape or dtype: .*mlp\.down_proj\.weight BF16 \(64, 128\) \(expected \(64, 96\)\)"):
+    expected = r"wrong shape or dtype: .*mlp\.down_proj\.weight BF16 \(64, 128\) \(expected \(64, 96\)\)"
+    with pytest.raises(CheckpointError, match=expected):
+        read_mlx_audio_pack(folder)
+
+
+def test_sharded_pack_reads_like_one_file(packs, tmp_path):
+    """mlx-community's -bf16 ships 2 shards and an index; a shard the index lists must exist."""
+    folder = _edited_copy(packs["bf16"], tmp_path)
+    weights = mx.load(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        mx.save_safetensors(str(folder / file), {k: weights[k] for k in keys}, metadata={"format": "mlx"})
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    one, two = read_mlx_audio_pack(packs["bf16"]).weights, read_mlx_audio_pack(folder).weights
+    assert sorted(one) == sorted(two) and all(mx.array_equal(one[k], two[k]).item() for k in one)
+
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    missing = r"index\.json: lists model-00002-of-00002\.safetensors, which is missing"
+    with pytest.raises(CheckpointError, match=missing):
         read_mlx_audio_pack(folder)
 
 
@@ -287,4 +308,5 @@ def test_real_size_4bit_layout(mlx_audio):
     ours = Model(config)
     ours.config.quantization = recipe
     nn.quantize(ours, group_size=64, bits=4, class_predicate=ours.quant_predicate)  # as convert -q --q-acoustic
-    assert sorted(k[: -len(".scales")] for k, _ in tree_flatten(ours.parameters()) if k.endswith(".scales")) == sorted(kept)
+    ours_quantized = [k[: -len(".scales")] for k, _ in tree_flatten(ours.parameters()) if k.endswith(".scales")]
+    assert sorted(ours_quantized) == sorted(kept)
