@@ -257,7 +257,7 @@ def read_tokenizer(path: str | os.PathLike):
     if len(table) > MAX_VOICES:
         raise file_error(path, f"audio.voice_num_audio_tokens lists {len(table)} voices; at most {MAX_VOICES}")
     for name in table:
-        check_voice_name(name, path, "audio.voice_num_audio_tokens has the voice")
+        check_voice_name(name, path, "audio.voice_num_audio_tokens")
     return tokenizer
 
 
@@ -267,7 +267,7 @@ def voice_path(folder: Path, name: str, suffix: str, roots: list[Path]) -> Path:
     ``name`` is a checked ``VOICE_NAME``; this is the second guard: the file a voice name maps
     to is read or written only inside its folder.
     """
-    check_voice_name(name, folder, "voice")
+    check_voice_name(name, folder, "voice file name")
     path = folder / f"{name}{suffix}"
     if not inside(path.parent, roots) or not inside(path, roots):
         raise file_error(path, "is a link to a place outside its model folder; refusing to follow it")

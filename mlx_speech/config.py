@@ -198,7 +198,7 @@ QUANT_GROUP_SIZES = (32, 64, 128)
 def check_voice_name(name, source: str | os.PathLike, what: str) -> str:
     """``name`` if it is a valid voice name; else CheckpointError naming ``what`` in ``source``."""
     if not isinstance(name, str) or not VOICE_NAME.fullmatch(name):
-        raise file_error(source, f"{what} {quoted(name)} is not a valid voice name "
+        raise file_error(source, f"{what}: {quoted(name)} is not a valid voice name "
                                  "(1 to 64 letters, digits or '_'); refusing the file")
     return name
 

@@ -94,7 +94,9 @@ def convert(
     started_ns = time.time_ns()
     bits, group = check_convert_options(dtype, quantize, q_bits, q_group_size, q_acoustic)
     dst = Path(mlx_path).expanduser()
-    folder_swap.check_target(dst, overwrite)  # before any download or reading
+    local = Path(hf_path).expanduser()
+    # before any download or reading; a local source is known already
+    folder_swap.check_target(dst, overwrite, sources=(local,) if local.is_dir() else ())
     log = print if verbose else (lambda *a, **k: None)
     with graceful_signals():
         return _convert(hf_path, revision, dst, dtype, quantize and (bits, group, q_acoustic),

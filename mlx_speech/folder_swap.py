@@ -93,7 +93,9 @@ def check_target(dst: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> 
     real = dst.resolve()
     for src in sources:
         src_real = src.resolve()
-        if src_real == real or real in src_real.parents:
+        if src_real == real:
+            raise FolderError(f"{dst}: it is the source folder itself; write the model somewhere else")
+        if real in src_real.parents:
             raise FolderError(f"{dst}: the source {src} is inside it; replacing it would delete the source")
         if src_real in real.parents:
             raise FolderError(f"{dst}: it lies inside the source {src}; write the model somewhere else")

@@ -108,7 +108,7 @@ class ModelConfig:
         tok = section_dict(mm.get("audio_tokenizer_args"), source, tok_path)
         voices = section_dict(tok.get("voice", {}), source, f"{tok_path}.voice")
         for name, index in voices.items():
-            check_voice_name(name, source, f"{tok_path}.voice name")
+            check_voice_name(name, source, f"{tok_path}.voice")
             _param(voices, name, source, f"{tok_path}.voice", bounds="voice index")
         config = cls(
             backbone=BackboneConfig.from_dict(params, source, "", required=_REQUIRED_LAYER_FIELDS + ("vocab_size",)),
@@ -146,7 +146,7 @@ class ModelConfig:
             audio_token_id=_param(d, "audio_token_id", source, "", 24),
             begin_audio_token_id=_param(d, "begin_audio_token_id", source, "", 25),
             max_seq_len=_param(d, "max_seq_len", source, "", 65536),
-            voices=[check_voice_name(v, source, "voices entry") for v in voices],
+            voices=[check_voice_name(v, source, "voices") for v in voices],
             quantization=check_quantization(d.get("quantization"), source),
             model_type=model_type,
         )

@@ -247,31 +247,30 @@ def build_model(config, headers: dict[Path, dict[str, dict]]):
         nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
                     class_predicate=lambda p, m: model.quant_predicate(p, m) and f"{p}.scales" in entries)
     params = dict(tree_flatten(model.parameters()))
-    problems = []
-    missing = sorted(set(params) - set(entries))
-    unexpected = sorted(set(entries) - set(params))
-    if missing:
-        problems.append("missing: " + _names(missing))
-    if unexpected:
-        problems.append("unexpected: " + _names(unexpected))
+    misshaped, bad_dtype = [], []
     for name in sorted(set(params) & set(entries)):
-        f, t = entries[name]
-        want_int = not mx.issubdtype(params[name].dtype, mx.floating)
-        if tuple(t["shape"]) != tuple(params[name].shape):
-            problems.append(f"wrong shape: {name} {tuple(t['shape'])} (expected {tuple(params[name].shape)})")
+        t, want = entries[name][1], params[name]
+        want_int = not mx.issubdtype(want.dtype, mx.floating)
+        if tuple(t["shape"]) != tuple(want.shape):
+            misshaped.append(f"{name} {tuple(t['shape'])} (expected {tuple(want.shape)})")
         elif (t["dtype"] == "U32") != want_int or (not want_int and t["dtype"] not in _FLOAT_DTYPES):
-            problems.append(f"wrong dtype: {name} {t['dtype']} (expected {'U32' if want_int else 'F16, BF16 or F32'})")
-        if len(problems) >= 8:
-            break
+            bad_dtype.append(f"{name} {t['dtype']} (expected {'U32' if want_int else 'F16, BF16 or F32'})")
+    problems = [
+        f"{label}: {_names(names)}"
+        for label, names in (("missing", sorted(set(params) - set(entries))),
+                             ("unexpected", sorted(set(entries) - set(params))),
+                             ("wrong shape", misshaped), ("wrong dtype", bad_dtype))
+        if names
+    ]
     if problems:
         raise file_error(first if len(headers) == 1 else first.parent,
                          f"weights do not match {CONFIG_FILE}: " + "; ".join(problems))
     return model
 
 
-def _names(names: list[str]) -> str:
-    shown = [n if len(n) <= 100 else quoted(n, 100) for n in names[:8]]
-    return ", ".join(shown) + (f", … ({len(names)} in all)" if len(names) > 8 else "")
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = [n if len(n) <= 100 else quoted(n, 100) for n in names[:limit]]
+    return ", ".join(shown) + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
 def load_weights(model, headers: dict[Path, dict[str, dict]], check_finite: bool = True) -> None:
