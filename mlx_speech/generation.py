@@ -30,6 +30,7 @@ from .options import (  # noqa: F401  (re-exported: the defaults' historical hom
     check_int,
     check_options,
     check_text,
+    frame_cap,
 )
 from .prompt_cache import cancelled, prefill
 
@@ -48,7 +49,9 @@ class GenerationResponse:
         real_time_factor: audio seconds per wall second so far (> 1 is faster than real time).
         peak_memory: peak memory so far, in GB.
         finish_reason: None while generating; on the last response "stop" (the model ended
-            the utterance) or "length" (``max_frames`` reached).
+            the utterance) or "length" (stopped at ``frame_cap`` frames).
+        frame_cap: the most frames this request may take: ``max_frames`` when given, else
+            ``options.frame_cap`` of the text's token count (the runaway cap).
     """
 
     audio: np.ndarray
@@ -60,12 +63,14 @@ class GenerationResponse:
     real_time_factor: float
     peak_memory: float
     finish_reason: str | None = None
+    frame_cap: int | None = None
 
 
 @dataclass
 class GenerationResult:
     """A whole utterance: ``codes`` (frames, 37) with the +2 offset (END frame excluded),
-    ``audio`` float32 with 1920 samples per frame, and the run's figures."""
+    ``audio`` float32 with 1920 samples per frame, and the run's figures; ``finish_reason`` is
+    "length" when it stopped at ``frame_cap`` frames (see ``GenerationResponse``)."""
 
     codes: np.ndarray
     audio: np.ndarray
@@ -76,6 +81,7 @@ class GenerationResult:
     elapsed: float
     real_time_factor: float
     peak_memory: float
+    frame_cap: int | None = None
 
 
 def generate_step(
@@ -146,9 +152,37 @@ def generate_step(
         yield codes[0]
 
 
+def text_tokens(model: Model, ids: list[int]) -> int:
+    """Tokens of the text itself in a speech prompt: those between [NEXT_AUDIO_TEXT] and
+    [REPEAT_AUDIO_TEXT] (text never encodes to special ids), not the voice rows or specials."""
+    tok = model.tokenizer
+    start = ids.index(tok.next_audio_text_id) + 1
+    end = len(ids) - 1 - ids[::-1].index(tok.repeat_audio_text_id)
+    return end - start
+
+
+def frame_limit(model: Model, ids: list[int], max_frames: int | None) -> int:
+    """The frames a prompt may generate: ``max_frames`` if given, else the runaway cap
+    ``options.frame_cap`` of its text's token count."""
+    return max_frames if max_frames is not None else frame_cap(text_tokens(model, ids))
+
+
+def check_fits(model: Model, prompt: int, limit: int, *, explicit: bool, what: str = "its prompt") -> None:
+    """Refuse a prompt of ``prompt`` positions that, with ``limit`` frames, overflows the context
+    (``explicit``: the limit is the caller's ``max_frames``, not the runaway cap)."""
+    context = model.config.max_seq_len
+    if prompt + limit > context:
+        frames = f"max_frames is {limit}" if explicit else f"its frame cap is {limit}"
+        raise ValueError(
+            f"text too long: {what} is {prompt} tokens and {frames}, over the model's context of "
+            f"{context} positions; shorten the text or lower max_frames"
+        )
+
+
 def _check_request(model: Model, text: str, voice: str, *, max_frames, cfg_alpha, flow_steps, seed,
-                   first_chunk_frames, chunk_frames, prefill_step_size) -> list[int]:
-    """Every option of a ``stream_generate`` request checked (ValueError naming it); the prompt ids."""
+                   first_chunk_frames, chunk_frames, prefill_step_size) -> tuple[list[int], int]:
+    """Every option of a ``stream_generate`` request checked (ValueError naming it); the prompt
+    ids and the frame limit."""
     check_text(text, None)
     check_options(cfg_alpha=cfg_alpha, flow_steps=flow_steps, max_frames=max_frames, seed=seed,
                   prefill_step_size=prefill_step_size)
@@ -156,13 +190,9 @@ def _check_request(model: Model, text: str, voice: str, *, max_frames, cfg_alpha
     check_int(chunk_frames, "chunk_frames", 1)
     model.voice(voice)  # unknown voice → ValueError listing the valid ones
     ids = model.tokenizer.encode_speech(text, voice)
-    context = model.config.max_seq_len
-    if len(ids) + max_frames > context:
-        raise ValueError(
-            f"text too long: its prompt is {len(ids)} tokens and max_frames is {max_frames}, "
-            f"over the model's context of {context} positions; shorten the text or lower max_frames"
-        )
-    return ids
+    limit = frame_limit(model, ids, max_frames)
+    check_fits(model, len(ids), limit, explicit=max_frames is not None)
+    return ids, limit
 
 
 def stream_generate(
@@ -172,7 +202,7 @@ def stream_generate(
     *,
     seed: int | None = None,
     noise: mx.array | None = None,
-    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_frames: int | None = None,
     cfg_alpha: float = DEFAULT_CFG_ALPHA,
     flow_steps: int = DEFAULT_FLOW_STEPS,
     first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
@@ -187,9 +217,13 @@ def stream_generate(
         model: a model from ``mlx_speech.load``.
         text: what to say (no normalization is applied).
         voice: a preset voice name (``model.voices``).
-        seed, noise, max_frames, cfg_alpha, flow_steps, prefill_step_size: see
-            ``generate_step``; every option is checked (``options.check_options``) before any
-            work, with a ValueError naming it.
+        seed, noise, cfg_alpha, flow_steps, prefill_step_size: see ``generate_step``; every
+            option is checked (``options.check_options``) before any work, with a ValueError
+            naming it.
+        max_frames: the most frames (80 ms each) to generate; None (the default): the runaway
+            cap ``options.frame_cap`` of the text's token count, which a normal reading never
+            reaches. Either way the limit is reported as ``frame_cap`` on every response, and
+            stopping there as ``finish_reason="length"``.
         first_chunk_frames: frames in the first chunk (small, for a fast first sound).
         chunk_frames: frames in each later chunk.
         use_voice_cache: start from the voice's cached prompt-prefix KV state
@@ -204,9 +238,9 @@ def stream_generate(
         one-shot decode of all frames.
     """
     start = time.perf_counter()
-    ids = _check_request(model, text, voice, max_frames=max_frames, cfg_alpha=cfg_alpha, flow_steps=flow_steps,
-                         seed=seed, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames,
-                         prefill_step_size=prefill_step_size)
+    ids, limit = _check_request(model, text, voice, max_frames=max_frames, cfg_alpha=cfg_alpha,
+                                flow_steps=flow_steps, seed=seed, first_chunk_frames=first_chunk_frames,
+                                chunk_frames=chunk_frames, prefill_step_size=prefill_step_size)
     embeddings = model.prompt_embeddings(mx.array(ids), model.voice(voice))
     cache = None
     if use_voice_cache:
@@ -231,16 +265,16 @@ def stream_generate(
         return GenerationResponse(
             audio=audio, sample_rate=sr, codes=codes, frames=frames, audio_seconds=seconds,
             elapsed=elapsed, real_time_factor=seconds / elapsed if elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason, frame_cap=limit,
         )
 
-    steps = generate_step(model, embeddings, cache=cache, max_frames=max_frames, seed=seed, noise=noise,
+    steps = generate_step(model, embeddings, cache=cache, max_frames=limit, seed=seed, noise=noise,
                           cfg_alpha=cfg_alpha, flow_steps=flow_steps, prefill_step_size=prefill_step_size,
                           cancel=cancel)
     for codes in steps:
         pending.append(codes)
         frames += 1
-        if frames == max_frames:
+        if frames == limit:
             break
         if len(pending) >= (first_chunk_frames if frames == len(pending) else chunk_frames):
             if cancelled(cancel):
@@ -248,7 +282,7 @@ def stream_generate(
             yield respond(None)
     if cancelled(cancel):
         return
-    yield respond("length" if frames == max_frames else "stop")
+    yield respond("length" if frames == limit else "stop")
 
 
 def collect(responses: Iterator[GenerationResponse]) -> GenerationResult:
@@ -261,6 +295,7 @@ def collect(responses: Iterator[GenerationResponse]) -> GenerationResult:
         codes=np.concatenate(codes), audio=np.concatenate(audio), sample_rate=last.sample_rate,
         finish_reason=last.finish_reason, frames=last.frames, audio_seconds=last.audio_seconds,
         elapsed=last.elapsed, real_time_factor=last.real_time_factor, peak_memory=last.peak_memory,
+        frame_cap=last.frame_cap,
     )
 
 

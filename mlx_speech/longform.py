@@ -33,12 +33,13 @@ import numpy as np
 
 from .generation import (
     DEFAULT_MAX_CHARS,
-    DEFAULT_MAX_FRAMES,
     DEFAULT_VOICE,
     GenerationResponse,
     GenerationResult,
+    check_fits,
     check_text,
     collect,
+    frame_limit,
     stream_generate,
 )
 from .model import Model
@@ -63,7 +64,7 @@ _SENTENCE = re.compile(
 _CLAUSE = re.compile(r"(?<=[,;:，、،—–])\s+|(?<=\s-)\s+|(?<=[.!?…])\s+")
 _SPACE = re.compile(r"\s+")
 # The options of ``stream_generate`` that ``check_options`` knows, checked before any piece.
-_OPTIONS = ("cfg_alpha", "flow_steps", "max_frames", "prefill_step_size")
+_OPTIONS = ("cfg_alpha", "flow_steps", "prefill_step_size")
 
 
 @dataclass
@@ -72,17 +73,19 @@ class LongGenerationResponse(GenerationResponse):
 
     ``audio`` is final (crossfades applied); ``codes``, ``frames`` and ``audio_seconds`` count
     every piece so far; ``finish_reason`` is set on the last response only: "length" if any
-    piece hit ``max_frames``, else "stop".
+    piece stopped at its frame cap, else "stop"; ``frame_cap`` is the current piece's.
 
     Extra attributes:
         piece: index of the text piece being spoken.
         pieces: number of pieces.
         prompt_tokens: prompt tokens of all pieces together (known before generation starts).
+        capped_pieces: (piece index, frame cap) of every piece so far that stopped at its cap.
     """
 
     piece: int = 0
     pieces: int = 1
     prompt_tokens: int = 0
+    capped_pieces: tuple[tuple[int, int], ...] = ()
 
 
 def _cut(text: str, start: int, limit: int, patterns) -> tuple[int, int] | None:
@@ -217,7 +220,7 @@ def plan_pieces(
     max_chars: int | None = DEFAULT_MAX_CHARS,
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     first_chunk_chars: int | None = DEFAULT_FIRST_CHUNK_CHARS,
-    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_frames: int | None = None,
 ) -> list[tuple[str, int]]:
     """Validate a request and split it: the pieces with their prompt lengths, ``[(text, tokens)]``.
 
@@ -226,13 +229,14 @@ def plan_pieces(
 
     Raises:
         ValueError: empty text, text over ``max_chars`` (naming both), unknown voice, or a piece
-            whose prompt plus ``max_frames`` exceeds the model's context even when cut to words.
+            whose prompt plus ``max_frames`` (None: its runaway cap, ``options.frame_cap``)
+            exceeds the model's context even when cut to single characters.
     """
     check_text(text, max_chars)
     if voice not in model.voices:
         raise ValueError(f"unknown voice {voice!r}; choose one of: {', '.join(model.voices)}")
     context = model.config.max_seq_len
-    if max_frames >= context:
+    if max_frames is not None and max_frames >= context:
         raise ValueError(
             f"text too long: max_frames is {max_frames} and the model's context is {context} "
             "positions, which leaves no room for the prompt; lower max_frames"
@@ -243,16 +247,15 @@ def plan_pieces(
     planned, todo = [], [(p, chunk_chars) for p in pieces]
     while todo:
         piece, limit = todo.pop(0)
-        n = len(model.tokenizer.encode_speech(piece, voice))
-        if n + max_frames <= context:
-            planned.append((piece, n))
+        ids = model.tokenizer.encode_speech(piece, voice)
+        frames = frame_limit(model, ids, max_frames)
+        if len(ids) + frames <= context:
+            planned.append((piece, len(ids)))
             continue
         smaller = split_text(piece, max(1, min(limit, len(piece)) // 2), None)
         if len(smaller) < 2:
-            raise ValueError(
-                f"text too long: the piece {piece[:40]!r} needs a prompt of {n} tokens and max_frames "
-                f"is {max_frames}, over the model's context of {context} positions; lower max_frames"
-            )
+            check_fits(model, len(ids), frames, explicit=max_frames is not None,
+                       what=f"the prompt of the piece {piece[:40]!r}")
         todo[:0] = [(p, max(1, min(limit, len(piece)) // 2)) for p in smaller]
     return planned
 
@@ -282,6 +285,7 @@ def stream_generate_long(
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     first_chunk_chars: int | None = DEFAULT_FIRST_CHUNK_CHARS,
     crossfade_ms: float = DEFAULT_CROSSFADE_MS,
+    max_frames: int | None = None,
     cancel=None,
     **kwargs,
 ) -> Iterator[LongGenerationResponse]:
@@ -295,10 +299,13 @@ def stream_generate_long(
         max_chars: refuse longer text with a ValueError naming both numbers (None: no limit).
         chunk_chars, first_chunk_chars: piece sizes (see ``split_text``).
         crossfade_ms: overlap between consecutive pieces (equal-power), 0 to butt-join.
+        max_frames: the most frames of each piece; None (the default): each piece's runaway cap
+            (``options.frame_cap`` of its token count). A piece that stops there makes the
+            final ``finish_reason`` "length" and is listed in ``capped_pieces``.
         cancel: an object with ``is_set()`` (e.g. ``threading.Event``), checked between prefill
             chunks and frames of every piece; once set the generator returns without further
             responses.
-        **kwargs: passed to ``stream_generate`` for every piece (``max_frames`` is per piece).
+        **kwargs: passed to ``stream_generate`` for every piece.
 
     Yields:
         ``LongGenerationResponse`` chunks whose audio concatenates to the final signal. Every
@@ -306,23 +313,23 @@ def stream_generate_long(
     """
     if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, (int, float)) or not crossfade_ms >= 0:
         raise ValueError(f"crossfade_ms must be >= 0, got {crossfade_ms!r}")
-    check_options(seed=seed, **{k: kwargs[k] for k in _OPTIONS if k in kwargs})
+    check_options(seed=seed, max_frames=max_frames, **{k: kwargs[k] for k in _OPTIONS if k in kwargs})
     planned = plan_pieces(model, text, voice, max_chars=max_chars, chunk_chars=chunk_chars,
-                          first_chunk_chars=first_chunk_chars,
-                          max_frames=kwargs.get("max_frames", DEFAULT_MAX_FRAMES))
+                          first_chunk_chars=first_chunk_chars, max_frames=max_frames)
     start = time.perf_counter()
     sr = model.config.sample_rate
     overlap = int(round(crossfade_ms * sr / 1000))
     prompt_tokens = sum(n for _, n in planned)
     held = np.zeros(0, np.float32)  # the signal not yet yielded (the tail awaiting a crossfade)
     emitted = frames_before = 0
-    truncated = False
+    capped: tuple[tuple[int, int], ...] = ()  # (piece, frame cap) of the pieces that stopped there
     for i, (piece, _) in enumerate(planned):
         last_piece = i == len(planned) - 1
         joining, head, codes = i > 0, [], []
         if cancelled(cancel):
             return
-        for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), cancel=cancel, **kwargs):
+        for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), max_frames=max_frames,
+                                 cancel=cancel, **kwargs):
             codes.append(r.codes)
             if joining:  # gather enough of this piece's start to cross the held tail
                 head.append(r.audio)
@@ -336,15 +343,16 @@ def stream_generate_long(
             keep = 0 if last_piece else min(overlap, len(held))
             audio, held = held[: len(held) - keep], held[len(held) - keep :]
             emitted += len(audio)
-            truncated |= r.finish_reason == "length"
+            if r.finish_reason == "length":
+                capped += ((i, r.frame_cap),)
             elapsed = time.perf_counter() - start
-            finish = ("length" if truncated else "stop") if last_piece and r.finish_reason else None
+            finish = ("length" if capped else "stop") if last_piece and r.finish_reason else None
             yield LongGenerationResponse(
                 audio=audio, sample_rate=sr, codes=np.concatenate(codes), frames=frames_before + r.frames,
                 audio_seconds=emitted / sr, elapsed=elapsed,
                 real_time_factor=emitted / sr / elapsed if elapsed > 0 else 0.0,
-                peak_memory=r.peak_memory, finish_reason=finish,
-                piece=i, pieces=len(planned), prompt_tokens=prompt_tokens,
+                peak_memory=r.peak_memory, finish_reason=finish, frame_cap=r.frame_cap,
+                piece=i, pieces=len(planned), prompt_tokens=prompt_tokens, capped_pieces=capped,
             )
             codes = []
             if r.finish_reason is not None:

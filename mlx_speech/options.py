@@ -31,6 +31,32 @@ FLOW_STEPS_RANGE = (1, 64)
 SEED_RANGE = (0, 2**64 - 1)  # what mx.random.key accepts
 
 
+# The runaway cap (``frame_cap``): frames = a + ceil(b x text tokens) when max_frames is not given.
+FRAME_CAP_BASE = 25  # a: twice one second of lead-in and trailing silence, at 12.5 frames/s
+FRAME_CAP_PER_TOKEN = 20.0  # b: twice the frames per token of the slowest plausible reading
+
+
+def frame_cap(text_tokens: int) -> int:
+    """The most frames a text of ``text_tokens`` tokens may take when ``max_frames`` is not given.
+
+    ``min(DEFAULT_MAX_FRAMES, 25 + ceil(20 x text_tokens))``, counting the text's own tokens only
+    (not the voice rows or special tokens). It stops a model that misses its END frame (minutes
+    of babble for a sentence) without cutting real speech short: the cap is at least twice the
+    frames of the slowest plausible reading of every sample measured by
+    ``benchmarks/measure_frame_cap.py``: 34 sentences in the nine supported languages (en fr
+    de es pt it nl ar hi; short and long, numbers, dates, abbreviations, acronyms) tokenized
+    with the full Tekken vocabulary, their syllables counted in the spoken form. Normal read
+    speech runs at 5–7.8 syllables per second (Pellegrino et al. 2011; Verhoeven et al. 2004;
+    Meireles & Gambarini 2012; Wilson & Netsell 2009); the slowest plausible reading is taken as
+    3 syllables per second with pauses, plus 1 s of silence. Tekken packs 0.8–2.2 syllables into
+    a token (Arabic is the densest, then long Spanish and Italian sentences and acronyms), so the
+    slowest reading needs up to 9.1 frames per token: b = 20 keeps the 2x margin even there (it
+    needs b >= 18.2; the median sample needs 9.9). Other ports' ``70 + ceil(10.4 x tokens)``
+    leaves only 1.5x for dense Arabic and 1.9x for long Spanish sentences.
+    """
+    return min(DEFAULT_MAX_FRAMES, FRAME_CAP_BASE + math.ceil(FRAME_CAP_PER_TOKEN * text_tokens))
+
+
 def _plain(name: str) -> str:
     return name
 

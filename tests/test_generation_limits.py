@@ -206,3 +206,99 @@ def test_long_text_without_spaces_is_bounded_work(model, backbone_calls, text):
     last = list(stream_generate_long(model, text, VOICE, seed=0, max_frames=1))[-1]
     assert last.pieces == len(planned) and max(backbone_calls) <= DEFAULT_PREFILL_STEP
     assert sum(c for c in backbone_calls if c > 1) >= sum(n for _, n in planned) - len(planned) * fixed
+
+
+# ---- the runaway cap ---------------------------------------------------------------------------
+@pytest.fixture
+def never_ends(monkeypatch):
+    """A model that misses its END frame: the loop no longer recognizes END_AUDIO (the END code
+    itself is a valid index, so the frames go on as a runaway model's would)."""
+    import mlx_speech.generation as generation
+
+    monkeypatch.setattr(generation, "END_AUDIO", -1)
+
+
+def text_tokens_of(model, text: str) -> int:
+    """Tokens of the text alone (no voice rows, no specials)."""
+    return len(model.tokenizer.encode(text))
+
+
+@pytest.fixture
+def small_caps(model, monkeypatch):
+    """frame_cap's constants made small, to keep runaway tests short: cap = 2 + ceil(1.5 x tokens)."""
+    import mlx_speech.options as options
+
+    monkeypatch.setattr(options, "FRAME_CAP_BASE", 2)
+    monkeypatch.setattr(options, "FRAME_CAP_PER_TOKEN", 1.5)
+    return lambda text: 2 + int(np.ceil(1.5 * text_tokens_of(model, text)))
+
+
+def test_frame_cap_formula():
+    from mlx_speech.options import DEFAULT_MAX_FRAMES, frame_cap
+
+    assert [frame_cap(n) for n in (0, 1, 10, 101)] == [25, 45, 225, 2045]
+    assert frame_cap(102) == frame_cap(10**6) == DEFAULT_MAX_FRAMES
+
+
+def test_frame_cap_keeps_twice_the_slowest_reading():
+    """The justification in benchmarks/measure_frame_cap.py holds for the constants in use."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import measure_frame_cap as m
+    finally:
+        sys.path.pop(0)
+    from mlx_speech.options import frame_cap
+
+    tok = m.tekken()
+    for lang, text, spoken in m.SAMPLES:
+        n = len(tok.encode(text, bos=False, eos=False))
+        slowest = m.FRAME_RATE * (m.syllables(spoken or text) / m.SLOW_RATE + m.SILENCE_S)
+        assert frame_cap(n) >= 2 * slowest, (lang, text)
+
+
+def test_text_tokens_count_the_text_only(model):
+    from mlx_speech.generation import text_tokens
+
+    for text in ("Hi.", TEXT, "  spaced\tout  ", "[AUDIO] is text here"):
+        assert text_tokens(model, model.tokenizer.encode_speech(text, VOICE)) == text_tokens_of(model, text)
+
+
+def test_without_max_frames_a_runaway_stops_at_the_cap(model, never_ends):
+    from mlx_speech.options import frame_cap
+
+    result = generate(model, "Hi.", VOICE, seed=0)  # the real cap: 25 + 20 x tokens
+    n = text_tokens_of(model, "Hi.")
+    assert result.frame_cap == frame_cap(n) == 25 + 20 * n
+    assert result.frames == result.frame_cap and result.finish_reason == "length"
+    assert result.codes.shape == (result.frame_cap, 37)
+
+
+def test_without_max_frames_a_normal_end_is_a_stop(model, small_caps):
+    # With the real END check, an utterance that ends before its cap reports "stop" and the cap.
+    for seed in range(20):
+        r = generate(model, TEXT, VOICE, seed=seed)
+        assert r.frame_cap == small_caps(TEXT) and r.frames <= r.frame_cap
+        assert r.finish_reason == ("length" if r.frames == r.frame_cap else "stop")
+        if r.finish_reason == "stop":
+            break
+    else:
+        pytest.fail("no seed ended before the cap")
+
+
+def test_explicit_max_frames_is_kept_exactly(model, never_ends, small_caps):
+    chunks = list(stream_generate(model, TEXT, VOICE, seed=2, max_frames=50, chunk_frames=7))
+    assert chunks[-1].frames == 50 and chunks[-1].finish_reason == "length"
+    assert {c.frame_cap for c in chunks} == {50} and small_caps(TEXT) != 50
+
+
+def test_long_text_caps_each_piece_and_says_which(model, never_ends, small_caps):
+    story = "First piece here.\n\nA second, longer piece follows it."
+    chunks = list(stream_generate_long(model, story, VOICE, seed=0, chunk_chars=40, first_chunk_chars=None))
+    caps = [small_caps("First piece here."), small_caps("A second, longer piece follows it.")]
+    last = chunks[-1]
+    assert last.finish_reason == "length" and last.frames == sum(caps)
+    assert last.capped_pieces == ((0, caps[0]), (1, caps[1])) and last.frame_cap == caps[1]
+    assert [c.frame_cap for c in chunks if c.piece == 0] == [caps[0]] * sum(c.piece == 0 for c in chunks)

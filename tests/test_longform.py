@@ -240,5 +240,6 @@ def test_a_long_word_is_cut_to_fit_a_small_context(model, monkeypatch):
 
 def test_text_that_cannot_fit_even_cut_to_characters_is_a_clear_error(model, monkeypatch):
     monkeypatch.setattr(model.config, "max_seq_len", 20)  # 13 positions for one character + 10 frames
-    with pytest.raises(ValueError, match="text too long: the piece 'x' .* over the model's context of 20"):
+    with pytest.raises(ValueError, match="text too long: the prompt of the piece 'x' is 13 tokens and max_frames "
+                                         "is 10, over the model's context of 20"):
         plan_pieces(model, "x" * 200, VOICE, max_frames=10)
