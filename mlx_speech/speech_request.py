@@ -1,17 +1,26 @@
 """The OpenAI ``/v1/audio/speech`` request: checked field by field, before any audio is made.
 
-Kept apart from the server so that the checks need neither Starlette nor MLX. Every refusal
-names the field and the value, and says what would be accepted.
+Kept apart from the server so that the checks need neither Starlette nor MLX. The generation
+options are checked by ``mlx_speech.options``, the one check the library and the command line
+use too; every refusal here names the JSON field and the value, and says what is accepted.
+Any JSON value in any field gives a ``RequestError``, never another exception.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from .audio_io import encodable_formats
-from .generation import DEFAULT_CFG_ALPHA, DEFAULT_FLOW_STEPS, DEFAULT_MAX_FRAMES, DEFAULT_VOICE
-from .longform import check_text
+from .errors import quoted
+from .options import (
+    DEFAULT_CFG_ALPHA,
+    DEFAULT_FLOW_STEPS,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_VOICE,
+    check_int,
+    check_options,
+    check_text,
+)
 
 DEFAULT_MAX_CHARS = 4096  # the OpenAI limit for `input`
 # OpenAI's default is mp3; it is encoded once the utterance is complete. wav and pcm stream.
@@ -21,6 +30,8 @@ MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp
 FIELDS = ("model", "input", "voice", "response_format", "speed", "stream_format", "instructions",
           "seed", "cfg_alpha", "flow_steps", "max_frames")
 CLONING_FIELDS = ("ref_audio", "ref_text", "reference_audio", "speaker_wav")
+OPTION_FIELDS = ("seed", "cfg_alpha", "flow_steps")  # checked by options.check_options
+MAX_PARAM_CHARS = 80  # an unknown field's name is echoed as `param`: bounded like any quoted value
 
 
 class RequestError(Exception):
@@ -29,7 +40,6 @@ class RequestError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
         self.param, self.status = param, status
-
 
 
 @dataclass
@@ -41,21 +51,25 @@ class SpeechRequest:
     options: dict = field(default_factory=dict)  # keyword arguments of stream_generate_long
 
 
-def _number(payload: dict, name: str, lo: float, hi: float, integer: bool = False):
-    value = payload.get(name)
-    if value is None:
-        return None
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not lo <= value <= hi:
-        what = "an integer" if integer else "a number"
-        raise RequestError(f"{name} must be {what} from {lo} to {hi}, got {value!r}", name)
-    return value
+def shown(value) -> str:
+    """A client's value quoted for a message: bounded, and safe for any JSON value."""
+    try:
+        return quoted(value)
+    except RecursionError:  # nested deeper than repr can follow
+        return f"a deeply nested {type(value).__name__}"
 
 
-def parse_speech_request(payload, voices: list[str], max_chars: int) -> SpeechRequest:
-    """Check an ``/v1/audio/speech`` body; every refusal names the field and the value."""
-    if not isinstance(payload, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(payload).__name__}")
+def _option(payload: dict, name: str, check) -> None:
+    """Run ``check`` on a field, turning its refusal into a RequestError naming the field."""
+    try:
+        check(payload[name])
+    except ValueError as e:
+        raise RequestError(str(e), name) from None
+    except (OverflowError, TypeError):  # e.g. an integer too large for a float
+        raise RequestError(f"{name} must be a number in its range, got {shown(payload[name])}", name) from None
+
+
+def _check_fields(payload: dict, voices: list[str]) -> None:
     for name in CLONING_FIELDS:
         if name in payload:
             raise RequestError(
@@ -67,13 +81,16 @@ def parse_speech_request(payload, voices: list[str], max_chars: int) -> SpeechRe
                            "choose a preset voice for the style instead", "instructions")
     unknown = sorted(set(payload) - set(FIELDS))
     if unknown:
-        raise RequestError(f"unknown field {unknown[0]!r}; this server accepts: {', '.join(FIELDS)}", unknown[0])
+        raise RequestError(f"unknown field {shown(unknown[0])}; this server accepts: {', '.join(FIELDS)}",
+                           unknown[0][:MAX_PARAM_CHARS])
     if payload.get("model") is not None and not isinstance(payload["model"], str):
-        raise RequestError(f"model must be a string, got {payload['model']!r}", "model")
+        raise RequestError(f"model must be a string, got {shown(payload['model'])}", "model")
 
+
+def _check_input(payload: dict, max_chars: int) -> str:
     text = payload.get("input")
     if not isinstance(text, str):
-        raise RequestError(f"input must be a string of text to speak, got {text!r}", "input")
+        raise RequestError(f"input must be a string of text to speak, got {shown(text)}", "input")
     if not text.strip():
         raise RequestError("input is empty; give some text to speak", "input")
     if len(text) > max_chars:
@@ -83,37 +100,52 @@ def parse_speech_request(payload, voices: list[str], max_chars: int) -> SpeechRe
         check_text(text, None)  # control characters
     except ValueError as e:
         raise RequestError(f"input: {e}", "input") from None
+    return text
+
+
+def _check_formats(payload: dict) -> tuple[str, str]:
+    stream_format = payload.get("stream_format", "audio")
+    if not isinstance(stream_format, str) or stream_format not in ("audio", "sse"):
+        raise RequestError(f"stream_format must be 'audio' or 'sse', got {shown(stream_format)}", "stream_format")
+    fmt = payload.get("response_format")
+    if fmt is None:
+        fmt = "pcm" if stream_format == "sse" else DEFAULT_FORMAT
+    if not isinstance(fmt, str) or fmt not in MEDIA_TYPES or fmt not in encodable_formats():
+        supported = ", ".join(f for f in MEDIA_TYPES if f in encodable_formats())
+        raise RequestError(f"response_format {shown(fmt)} is not supported; use one of: {supported}",
+                           "response_format")
+    if stream_format == "sse" and fmt != "pcm":
+        raise RequestError(f"stream_format 'sse' sends base64 16-bit PCM: use response_format 'pcm' "
+                           f"(or leave it out), not {fmt!r}", "response_format")
+    return fmt, stream_format
+
+
+def parse_speech_request(payload, voices: list[str], max_chars: int) -> SpeechRequest:
+    """Check an ``/v1/audio/speech`` body; every refusal names the field and the value."""
+    if not isinstance(payload, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(payload).__name__}")
+    _check_fields(payload, voices)
+    text = _check_input(payload, max_chars)
 
     voice = payload.get("voice", DEFAULT_VOICE)
     if isinstance(voice, dict) and set(voice) == {"id"}:
         voice = voice["id"]
     if not isinstance(voice, str) or voice not in voices:
-        raise RequestError(f"unknown voice {voice!r}; choose one of: {', '.join(voices)}", "voice")
+        raise RequestError(f"unknown voice {shown(voice)}; choose one of: {', '.join(voices)}", "voice")
 
-    stream_format = payload.get("stream_format", "audio")
-    if stream_format not in ("audio", "sse"):
-        raise RequestError(f"stream_format must be 'audio' or 'sse', got {stream_format!r}", "stream_format")
-    fmt = payload.get("response_format")
-    if fmt is None:
-        fmt = "pcm" if stream_format == "sse" else DEFAULT_FORMAT
-    if fmt not in MEDIA_TYPES or fmt not in encodable_formats():
-        supported = ", ".join(f for f in MEDIA_TYPES if f in encodable_formats())
-        raise RequestError(f"response_format {fmt!r} is not supported; use one of: {supported}", "response_format")
-    if stream_format == "sse" and fmt != "pcm":
-        raise RequestError(f"stream_format 'sse' sends base64 16-bit PCM: use response_format 'pcm' "
-                           f"(or leave it out), not {fmt!r}", "response_format")
-
+    fmt, stream_format = _check_formats(payload)
     speed = payload.get("speed")
     if speed is not None and (isinstance(speed, bool) or not isinstance(speed, (int, float)) or speed != 1):
-        raise RequestError(f"speed {speed!r} is not supported: this server speaks at the model's own pace "
-                           "(speed 1.0) and does not time-stretch audio", "speed")
+        raise RequestError(f"speed {shown(speed)} is not supported: this server speaks at the model's own "
+                           "pace (speed 1.0) and does not time-stretch audio", "speed")
 
-    options = {
-        "seed": _number(payload, "seed", 0, 2**64 - 1, integer=True),
-        "cfg_alpha": _number(payload, "cfg_alpha", 0.0, 10.0),
-        "flow_steps": _number(payload, "flow_steps", 1, 64, integer=True),
-        "max_frames": _number(payload, "max_frames", 1, DEFAULT_MAX_FRAMES, integer=True),
-    }
-    defaults = {"cfg_alpha": DEFAULT_CFG_ALPHA, "flow_steps": DEFAULT_FLOW_STEPS, "max_frames": DEFAULT_MAX_FRAMES}
-    options = {k: v if v is not None else defaults.get(k) for k, v in options.items()}
+    options = {"seed": None, "cfg_alpha": DEFAULT_CFG_ALPHA, "flow_steps": DEFAULT_FLOW_STEPS,
+               "max_frames": DEFAULT_MAX_FRAMES}
+    for name in OPTION_FIELDS:
+        if payload.get(name) is not None:
+            _option(payload, name, lambda value, name=name: check_options(**{name: value}))
+            options[name] = payload[name]
+    if payload.get("max_frames") is not None:  # this server's cap: one request is at most 163.8 s
+        _option(payload, "max_frames", lambda value: check_int(value, "max_frames", 1, DEFAULT_MAX_FRAMES))
+        options["max_frames"] = payload["max_frames"]
     return SpeechRequest(text, voice, fmt, stream_format, options)

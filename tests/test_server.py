@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -35,40 +36,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(model, log_path, *args: str, poll: float = 0.2) -> tuple[subprocess.Popen, str]:
+    """A server process on ``model`` with ``args``, once it answers /health; and its base URL."""
+    port = _free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_speech.server", "--model", str(model), "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning", *args],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail(f"server not healthy after 90 s:\n{log_path.read_text()}")
+        time.sleep(poll)
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    """Send ``sig`` and return the exit status (killing the process if it does not stop in 30 s)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the server did not stop within 30 s of signal {sig}")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_mlx, tmp_path_factory):
     """The base URL of a server on the tiny model, started once for this module."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_speech.server", "--model", str(tiny_mlx), "--host", "127.0.0.1",
-         "--port", str(port), "--max-chars", str(MAX_CHARS), "--log-level", "warning"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    proc, url = start_server(tiny_mlx, tmp_path_factory.mktemp("server") / "server.log", "--max-chars", str(MAX_CHARS))
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after 90 s:\n{log_path.read_text()}")
-            time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -181,23 +193,79 @@ def test_sse_events(server):
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
 
 
+def _raw_request(url: str, body: dict, headers: str = "") -> socket.socket:
+    """A connection that has sent a POST to /v1/audio/speech and reads nothing yet."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST /v1/audio/speech HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n{headers}\r\n".encode() + data)
+    return sock
+
+
 @pytest.mark.parametrize("fmt", ["pcm", "flac"])  # streamed, and sent only once complete
 def test_a_client_that_disconnects_cancels_its_generation(server, long_seed, fmt):
     before = health(server)
-    with httpx.stream("POST", f"{server}/v1/audio/speech", timeout=120,
-                      json={"input": TEXT, "voice": VOICE, "response_format": fmt, "seed": long_seed}) as r:
-        assert r.status_code == 200
+    sock = _raw_request(server, {"input": TEXT, "voice": VOICE, "response_format": fmt, "seed": long_seed})
+    try:
         if fmt == "pcm":
-            next(r.iter_raw())  # the first audio; then hang up
-        else:
-            while not health(server)["busy"]:  # hang up while the model is speaking
+            assert sock.recv(12) == b"HTTP/1.1 200"  # the first audio is on its way; then hang up
+        else:  # a flac is sent whole: hang up while the model is speaking, before any answer
+            while not health(server)["busy"]:
                 time.sleep(0.02)
+    finally:
+        sock.close()
     deadline = time.monotonic() + 20
     while (h := health(server))["busy"] or h["cancelled"] == before["cancelled"]:
         assert time.monotonic() < deadline, f"generation still running after the client left: {h}"
         time.sleep(0.1)
     assert h["cancelled"] == before["cancelled"] + 1 and h["served"] == before["served"]
     assert speak(server, response_format="pcm", seed=4, max_frames=2).status_code == 200
+
+
+@pytest.mark.parametrize("headers,status,message", [
+    ({"content-type": "text/plain"}, 415, "must be JSON sent with 'Content-Type: application/json'"),
+    ({"content-type": "application/x-www-form-urlencoded"}, 415, "Content-Type: application/json"),
+    ({"content-type": None}, 415, "the request has no Content-Type"),
+    ({"origin": "http://attacker.example"}, 403, "requests from web pages of other sites are refused"),
+    ({"origin": "null"}, 403, "Origin 'null'"),
+    ({"host": "attacker.example"}, 421, "Host 'attacker.example' is not this server"),
+    ({"host": "127.0.0.1.attacker.example:80"}, 421, "is not this server"),
+])
+def test_cross_site_requests_do_no_work(server, headers, status, message):
+    """What a web page can make a browser send (a "simple" text/plain POST, its own Origin, a DNS
+    name of its own that resolves to 127.0.0.1) is refused before any work is queued."""
+    before = health(server)
+    body = json.dumps({"input": TEXT, "voice": VOICE, "response_format": "pcm", "max_frames": 2}).encode()
+    sent = {"content-type": "application/json", **headers}
+    with httpx.Client() as c:
+        request = c.build_request("POST", f"{server}/v1/audio/speech", content=body,
+                                  headers={k: v for k, v in sent.items() if v is not None})
+        assert ("content-type" in request.headers) == (sent["content-type"] is not None)
+        r = c.send(request)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+    after = health(server)
+    assert (after["served"], after["failed"], after["cancelled"]) == (
+        before["served"], before["failed"], before["cancelled"])
+
+
+@pytest.mark.parametrize("headers", [
+    {"origin": "http://localhost:3000"}, {"origin": "http://127.0.0.1:8080"}, {"host": "localhost"},
+    {"content-type": "application/json; charset=utf-8"},
+])
+def test_local_pages_and_names_are_served(server, headers):
+    pcm = speak(server, response_format="pcm", seed=4, max_frames=2).content
+    body = {"model": "m", "input": TEXT, "voice": VOICE, "response_format": "pcm", "seed": 4, "max_frames": 2}
+    r = httpx.post(f"{server}/v1/audio/speech", content=json.dumps(body).encode(),
+                   headers={"content-type": "application/json", **headers}, timeout=120)
+    assert r.status_code == 200 and r.content == pcm
+
+
+def test_a_foreign_origin_is_refused_on_every_route(server):
+    for path in ("/health", "/v1/models", "/v1/audio/voices"):
+        r = httpx.get(f"{server}{path}", headers={"origin": "https://attacker.example"})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
@@ -220,7 +288,8 @@ def test_a_client_that_disconnects_cancels_its_generation(server, long_seed, fmt
         ({"stream_format": "sse", "response_format": "mp3"}, "response_format", "stream_format 'sse' sends base64 16-bit PCM"),
         ({"seed": -1}, "seed", "seed must be an integer from 0"),
         ({"seed": "abc"}, "seed", "seed must be an integer"),
-        ({"cfg_alpha": "high"}, "cfg_alpha", "cfg_alpha must be a number"),
+        ({"cfg_alpha": "high"}, "cfg_alpha", "cfg_alpha must be a finite number from 0.0 to 10.0"),
+        ({"flow_steps": 65}, "flow_steps", "flow_steps must be an integer from 1 to 64, got 65"),
         ({"max_frames": 0}, "max_frames", "max_frames must be an integer from 1 to 2048, got 0"),
         ({"language": "en"}, "language", "unknown field 'language'; this server accepts: model, input"),
     ],
@@ -280,5 +349,6 @@ def test_queue_limit_gives_503():
 def test_a_bad_model_path_is_one_clear_line():
     r = subprocess.run([sys.executable, "-m", "mlx_speech.server", "--model", "/nonexistent/model"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: model '/nonexistent/model' is neither")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "/nonexistent/model" in last
