@@ -157,8 +157,9 @@ def _refuse_non_finite(tensors: dict, source: Path, when: str) -> None:
     import mlx.core as mx
 
     from .errors import file_error
+    from .utils import all_finite
 
-    flags = {k: mx.all(mx.isfinite(v)) for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)}
+    flags = {k: all_finite(v) for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)}
     try:
         mx.eval(tensors, flags)
     except RuntimeError as e:
