@@ -222,8 +222,8 @@ def stream_generate(
             naming it.
         max_frames: the most frames (80 ms each) to generate; None (the default): the runaway
             cap ``options.frame_cap`` of the text's token count, which a normal reading never
-            reaches. Either way the limit is reported as ``frame_cap`` on every response, and
-            stopping there as ``finish_reason="length"``.
+            reaches (with ``noise``, at most its rows). Either way the limit is reported as
+            ``frame_cap`` on every response, and stopping there as ``finish_reason="length"``.
         first_chunk_frames: frames in the first chunk (small, for a fast first sound).
         chunk_frames: frames in each later chunk.
         use_voice_cache: start from the voice's cached prompt-prefix KV state
@@ -241,6 +241,8 @@ def stream_generate(
     ids, limit = _check_request(model, text, voice, max_frames=max_frames, cfg_alpha=cfg_alpha,
                                 flow_steps=flow_steps, seed=seed, first_chunk_frames=first_chunk_frames,
                                 chunk_frames=chunk_frames, prefill_step_size=prefill_step_size)
+    if noise is not None and max_frames is None:
+        limit = min(limit, noise.shape[0])  # no frame can be made past the given noise
     embeddings = model.prompt_embeddings(mx.array(ids), model.voice(voice))
     cache = None
     if use_voice_cache:

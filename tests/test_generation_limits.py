@@ -151,6 +151,20 @@ def test_chunked_prefill_keeps_the_golden_codes(model, cases, backbone_calls, us
 
 
 @pytest.mark.parametrize("use_voice_cache", [False, True])
+def test_chunked_prefill_and_the_default_cap_keep_g2_exact(model, cases, use_voice_cache):
+    """g2 ends with END_AUDIO: chunked prefill and max_frames=None (capped by the noise rows) stop
+    there with the reference codes and waveform."""
+    from conftest import assert_close
+
+    g = cases["g2_e2e_eoa"]
+    model.voice_cache = VoicePrefixCache()
+    result = generate(model, TEXT, VOICE, noise=g["noise"], prefill_step_size=3, use_voice_cache=use_voice_cache)
+    assert result.finish_reason == "stop" and result.frame_cap == g["noise"].shape[0]
+    np.testing.assert_array_equal(result.codes, np.array(g["codes"])[:-1])
+    assert_close(result.audio, g["waveform"])
+
+
+@pytest.mark.parametrize("use_voice_cache", [False, True])
 def test_cancel_during_prefill_stops_after_the_first_chunk(model, backbone_calls, monkeypatch, use_voice_cache):
     cancel = threading.Event()
     counted = Model.__call__
