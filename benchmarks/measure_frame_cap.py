@@ -105,7 +105,8 @@ SAMPLES = [
     ("nl", "Goedemorgen, hoe gaat het met je vandaag?", None),
     ("nl", "Gisteren zijn we met de fiets langs de rivier naar het volgende dorp gereden om vrienden te "
            "bezoeken.", None),
-    ("nl", "Op 5 mei 1945 werd Nederland bevrijd.", "Op vijf mei negentienhonderdvijfenveertig werd Nederland bevrijd."),
+    ("nl", "Op 5 mei 1945 werd Nederland bevrijd.",
+     "Op vijf mei negentienhonderdvijfenveertig werd Nederland bevrijd."),
     ("ar", "مرحبا، كيف حالك اليوم؟", "marhaban, kayfa haaluka al-yawm"),
     ("ar", "ولدت في القاهرة عام 1990.", "wulidtu fil qaahira aam alf wa tisuumia wa tisiin"),
     ("ar", "اللغة العربية من أكثر اللغات انتشارا في العالم، ويتحدث بها أكثر من أربعمائة مليون شخص.",
