@@ -228,7 +228,8 @@ def check_checkpoint(path: str | Path, config: ModelConfig) -> dict[str, dict]:
         ("unsupported dtype (BF16, F16, F32 expected)", bad_dtype),
     ):
         if names:
-            shown = ", ".join(names[:8]) + (f", … ({len(names)} in all)" if len(names) > 8 else "")
+            shown = ", ".join(n if len(n) <= 100 else quoted(n, 100) for n in names[:8])
+            shown += f", … ({len(names)} in all)" if len(names) > 8 else ""
             problems.append(f"{label}: {shown}")
     if problems:
         raise file_error(path, f"does not match {PARAMS_FILE} ({len(header)} tensors, {len(expected)} expected) — "

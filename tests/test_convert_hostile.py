@@ -375,6 +375,12 @@ def test_malformed_safetensors_header_is_one_line(tmp_path, label, damage, patte
     assert str(src / WEIGHTS) in message
 
 
+def test_a_huge_tensor_name_gives_a_short_message(tmp_path):
+    src = release_copy(tmp_path)
+    _rewrite_weights(src, lambda w: w.__setitem__("x" * 100_000, mx.zeros((2,), mx.bfloat16)))
+    _refused(tmp_path, src, r"unexpected: 'xxxx.* …")
+
+
 def test_weights_that_are_a_folder_are_refused(tmp_path):
     src = release_copy(tmp_path)
     (src / WEIGHTS).unlink()
@@ -468,6 +474,37 @@ def test_unwritable_parent_names_the_users_path(tmp_path):
     finally:
         locked.chmod(0o755)
     assert str(locked / "out") in str(e.value) and ".partial-" not in str(e.value)
+
+
+def test_permission_denied_names_the_users_path(tmp_path, monkeypatch):
+    """As root nothing is unwritable, so the refusal of the temporary folder is simulated."""
+    src = release_copy(tmp_path)
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *a, **k):
+        if ".partial-" in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(FolderError) as e:
+        _convert(src, tmp_path / "out")
+    assert str(e.value).startswith(f"{tmp_path / 'out'}: cannot create the model folder in {tmp_path}")
+    assert ".partial-" not in str(e.value)
+
+
+def test_write_failure_names_the_users_path_and_leaves_nothing(tmp_path, monkeypatch):
+    src = release_copy(tmp_path)
+
+    def full_disk(path, *a, **k):
+        raise RuntimeError(f"[save_safetensors] Failed to write {path}: No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    with pytest.raises(FolderError) as e:
+        _convert(src, tmp_path / "out")
+    assert str(tmp_path / "out") in str(e.value) and ".partial-" not in str(e.value)
+    assert "No space left on device" in str(e.value) and "nothing was written" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
 
 
 def test_overwrite_replaces_an_empty_folder(tmp_path):
