@@ -31,7 +31,8 @@ def cancelled(cancel) -> bool:
 
 def prefill(model, embeddings: mx.array, cache: list, step_size: int = DEFAULT_PREFILL_STEP,
             cancel=None) -> mx.array | None:
-    """Run prompt embeddings (L, dim) through the backbone into ``cache``, ``step_size`` at a time.
+    """Run prompt embeddings (L, dim), or a batch (B, L, dim), through the backbone into ``cache``,
+    ``step_size`` positions at a time.
 
     Each call attends from at most ``step_size`` new positions to the cache, so attention scores
     are step × positions-so-far rather than L × L. Between calls the cache is evaluated and MLX's
@@ -39,12 +40,13 @@ def prefill(model, embeddings: mx.array, cache: list, step_size: int = DEFAULT_P
     temporaries are freed before the next. ``cancel`` is checked before every call.
 
     Returns:
-        The last position's final-normed hidden state (1, dim), not yet evaluated; None if
-        ``cancel`` was set (the cache then holds the chunks done so far).
+        The last position's final-normed hidden state (B, dim) (B = 1 for unbatched input), not
+        yet evaluated; None if ``cancel`` was set (the cache then holds the chunks done so far).
     """
     if step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1, got {step_size}")
-    total = embeddings.shape[0]
+    batch = embeddings if embeddings.ndim == 3 else embeddings[None]
+    total = batch.shape[1]
     if total < 1:
         raise ValueError("nothing to prefill: the prompt embeddings are empty")
     start = 0
@@ -52,7 +54,7 @@ def prefill(model, embeddings: mx.array, cache: list, step_size: int = DEFAULT_P
         if cancelled(cancel):
             return None
         end = min(total, start + step_size)
-        hidden = model(embeddings[None, start:end], cache)
+        hidden = model(batch[:, start:end], cache)
         if end == total:
             return hidden[:, -1]
         mx.eval([c.state for c in cache])

@@ -128,6 +128,9 @@ def test_chunked_prefill_equals_one_call(model):
         for c, w in zip(cache, whole_cache):
             np.testing.assert_allclose(np.array(c.state[0]), np.array(w.state[0]), atol=1e-5)
             np.testing.assert_allclose(np.array(c.state[1]), np.array(w.state[1]), atol=1e-5)
+    # A batch (B, L, dim) goes through the same chunks, row by row the same as alone.
+    h = prefill(model, mx.stack([emb, emb]), model.make_cache(), 5)
+    np.testing.assert_allclose(np.array(h), np.array(mx.concatenate([whole, whole])), atol=1e-5)
 
 
 @pytest.mark.parametrize("use_voice_cache", [False, True])
