@@ -1,6 +1,11 @@
 """Stream speech to the speakers while it is generated.
 
-    python examples/stream_play.py "Streaming starts after the first two frames." --voice neutral_male
+    python examples/stream_play.py "Streaming speech, without a gap." --voice neutral_male
+
+The player times the chunks as they arrive and starts once it can play to the end without a gap:
+at the second chunk when generation is faster than real time. When it is slower, it waits for the
+end, unless it is told how long the speech will be: ``AudioPlayer(..., expected_seconds=...)``
+(an underestimate can then leave a gap near the end).
 """
 
 import argparse

@@ -68,7 +68,7 @@ def read_text(args) -> str:
     if args.text is not None:
         text = args.text
     elif args.file is not None:
-        text = _decode(_read_file(args.file, limit), f"text file {args.file!r}", args.max_chars)
+        text = _decode(_read_file(args.file, limit), f"--file: text file {args.file!r}", args.max_chars)
     elif sys.stdin is not None and not sys.stdin.isatty():
         text = _decode(sys.stdin.buffer.read(limit), "standard input", args.max_chars)
     else:

@@ -90,13 +90,23 @@ def wrap(parts: list[str], width: int = WIDTH, sep: str = " | ") -> list[str]:
     return lines
 
 
-def finish_words(finish_reason: str | None, max_frames: int | None, pieces: int) -> str:
-    """The finish reason, and for "length" what it means for the user (under 80 columns)."""
-    if finish_reason != "length":
-        return f"finish: {finish_reason}"
-    cap = f"--max-frames {max_frames}" if max_frames is not None else "see --max-frames"
-    which = "a piece hit" if pieces > 1 else "stopped at"
-    return f"finish: length, {which} the frame cap ({cap}): text may be cut"
+def finish_words(r, explicit_cap: bool) -> list[str]:
+    """The finish reason of the last response ``r``, and for "length" what it means for the user:
+    which cap stopped it (``--max-frames`` or the cap proportional to the text) and that the text
+    may be cut (summary parts, each under 80 columns)."""
+    if r.finish_reason != "length":
+        return [f"finish: {r.finish_reason}"]
+    pieces = getattr(r, "pieces", 1)
+    capped = getattr(r, "capped_pieces", ()) or ((0, r.frame_cap),)
+    if explicit_cap:
+        cap = f"(--max-frames {capped[0][1]})"
+        which = "stopped at" if pieces == 1 else f"{len(capped)} of {pieces} pieces hit"
+        return [f"finish: length, {which} the frame cap {cap}: text may be cut"]
+    if pieces == 1:
+        words = f"stopped at the cap for this text ({plural(capped[0][1], 'frame')})"
+    else:
+        words = f"{len(capped)} of {pieces} pieces hit the cap for their text"
+    return [f"finish: length, {words}: text may be cut", "raise the cap with --max-frames"]
 
 
 class Progress:
@@ -158,14 +168,16 @@ class Progress:
             self._said_playing = True
             self.info(f"generation done; playing the last {seconds_left:.1f} s")
 
-    def summary(self, r, *, max_frames: int | None, player=None, request_start: float = 0.0,
+    def summary(self, r, *, explicit_cap: bool, player=None, request_start: float = 0.0,
                 output: str | None = None) -> None:
-        """The closing lines: figures, finish reason, playback, the file written."""
+        """The closing lines: figures, finish reason, playback, the file written.
+
+        ``explicit_cap``: the frame cap was the user's ``--max-frames``, not the text's own."""
         parts = [
             f"{plural(r.frames, 'frame')}, {r.audio_seconds:.2f} s of audio in {r.elapsed:.2f} s "
             f"({r.real_time_factor:.2f}x real time)",
             f"peak memory: {memory(r.peak_memory)}",
-            finish_words(r.finish_reason, max_frames, getattr(r, "pieces", 1)),
+            *finish_words(r, explicit_cap),
         ]
         if player is not None:
             parts.append(f"underruns: {player.underruns}")

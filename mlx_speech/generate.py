@@ -16,12 +16,13 @@ SIGHUP stop like Ctrl-C: the audio made so far is kept in ``--output``, exit 128
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import time
 from contextlib import contextmanager
 
-from .cli_checks import CONFIG_FILE, CLIError, Job, check_args, local_model_folder, voice_names
+from .cli_checks import CONFIG_FILE, CLIError, Job, check_args, flag, local_model_folder, voice_names
 from .cli_progress import BestEffortStream, Progress
 from .options import (
     DEFAULT_CFG_ALPHA,
@@ -35,6 +36,16 @@ from .signals import STOP_SIGNALS, exit_status, graceful_signals
 
 DEFAULT_MODEL = "mistralai/Voxtral-4B-TTS-2603"
 BROKEN_PIPE_STATUS = 128 + 13  # a listing cut short by its reader, as if killed by SIGPIPE
+
+
+# Library messages name options as Python does; the user typed flags. Only whole words that are
+# not part of a path are replaced.
+_OPTION_NAMES = re.compile(r"(?<![\w./-])(max_frames|max_chars|cfg_alpha|flow_steps)(?![\w.-])")
+
+
+def flag_names(message: str) -> str:
+    """``message`` with the generation options' Python names replaced by their flags."""
+    return _OPTION_NAMES.sub(lambda m: flag(m.group(1)), message)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -54,8 +65,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="output device for --play (index or name; see --list-devices)")
     p.add_argument("--list-devices", action="store_true", help="list audio output devices and exit")
     p.add_argument("--seed", type=int, default=None, help="seed for the flow-matching noise (reproducible output)")
-    p.add_argument("--max-frames", type=int, default=DEFAULT_MAX_FRAMES,
-                   help=f"stop each piece of text after this many 80 ms frames (default: {DEFAULT_MAX_FRAMES})")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="stop each piece of text after this many 80 ms frames "
+                        f"(default: proportional to the text, at most {DEFAULT_MAX_FRAMES})")
     p.add_argument("--cfg-alpha", type=float, default=DEFAULT_CFG_ALPHA,
                    help=f"classifier-free guidance strength, 0 to 10 (default: {DEFAULT_CFG_ALPHA})")
     p.add_argument("--flow-steps", type=int, default=DEFAULT_FLOW_STEPS,
@@ -200,8 +212,8 @@ def speak(model, job: Job, args, progress: Progress) -> int:
             writer.abort()
         raise
     if last is not None:
-        progress.summary(last, max_frames=args.max_frames, player=player, request_start=request_start,
-                         output=job.output)
+        progress.summary(last, explicit_cap=args.max_frames is not None, player=player,
+                         request_start=request_start, output=job.output)
     return 0
 
 
@@ -244,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         code = BROKEN_PIPE_STATUS
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError) as e:
-        progress.line(f"error: {e}")
+        progress.line(f"error: {flag_names(str(e))}")
         code = 2
     except OSError as e:  # the output could not be written (full disk, I/O error)
         progress.line(f"error: {e}")
