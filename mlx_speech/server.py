@@ -39,7 +39,7 @@ try:
 except ImportError as e:  # one hint, where the optional dependency is used
     raise ImportError(f"{e}; the server needs the 'server' extra: pip install 'mlx-speech[server]'") from None
 
-from .server_guard import HostPolicy, LocalOnly, error_response, timed_h11
+from .server_guard import WILDCARD_HOSTS, HostPolicy, LocalOnly, error_response, timed_h11
 from .signals import exit_status, graceful_signals
 from .speech_request import DEFAULT_MAX_CHARS, RequestError, parse_speech_request
 from .speech_response import JobResponse
@@ -233,6 +233,9 @@ def _serve(worker: Worker, args: argparse.Namespace) -> int:
     """Serve until Ctrl-C or SIGTERM (0), or until uvicorn cannot start (its status)."""
     model_id = Path(args.model).name if Path(args.model).expanduser().exists() else args.model
     log.info("loaded %s: %d voices, %d Hz", model_id, len(worker.voices), worker.sample_rate)
+    if args.host.strip() in WILDCARD_HOSTS:
+        log.warning("listening on every network interface (--host %r): anyone who can reach this machine "
+                    "can use the server, which has no authentication", args.host)
     app = create_app(worker, model_id, host=args.host, allow_hosts=tuple(args.allow_host),
                      request_timeout=args.request_timeout)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
