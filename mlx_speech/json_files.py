@@ -50,11 +50,15 @@ def open_regular_file(path: str | os.PathLike) -> io.BufferedReader:
 
 def read_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
     """The whole of a regular file of at most ``max_bytes`` bytes (read, not trusted from stat)."""
+    chunks, total = [], 0
     with open_regular_file(path) as f:
-        try:
-            data = f.read(max_bytes + 1)
+        try:  # in 64 KiB reads: a single read(max_bytes) would allocate the bound up front
+            while total <= max_bytes and (chunk := f.read(min(1 << 16, max_bytes + 1 - total))):
+                chunks.append(chunk)
+                total += len(chunk)
         except OSError as e:
             raise file_error(path, f"cannot be read ({e.strerror or e})") from None
+    data = b"".join(chunks)
     if len(data) > max_bytes:
         raise file_error(path, f"is larger than {max_bytes} bytes; this is not the file expected here")
     return data
