@@ -3,7 +3,8 @@
 The release is ``consolidated.safetensors`` (386 BF16 tensors with Mistral-native names),
 ``params.json``, ``tekken.json`` and ``voice_embedding/<voice>.pt``. Every tensor name and
 shape is implied by params.json; we check the file against that list before loading anything,
-so a wrong, truncated or foreign checkpoint is refused with the offending names.
+so a wrong, truncated or foreign checkpoint is refused with the offending names. Every problem
+is one ``CheckpointError`` line naming the file and the field or tensor (``read_release``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ TOKENIZER_FILE = "tekken.json"
 VOICES_DIR = "voice_embedding"
 RELEASE_FILES = (WEIGHTS_FILE, PARAMS_FILE, TOKENIZER_FILE, f"{VOICES_DIR}/*.pt")
 
-__all__ = ["CheckpointError", "check_checkpoint", "expected_tensor_count", "expected_tensors",
-           "read_safetensors_header"]
+__all__ = ["CheckpointError", "Release", "check_checkpoint", "expected_tensor_count", "expected_tensors",
+           "read_release", "read_release_voices", "read_safetensors_header", "read_tokenizer", "voice_path"]
 
 # The dtypes the release may use; every safetensors dtype with its size, for checking headers.
 _RELEASE_DTYPES = ("BF16", "F16", "F32")
