@@ -9,6 +9,7 @@ package attribute ``mlx_speech.generate`` is always this module's function.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import numpy as np
 
 from .acoustic import END_AUDIO
 from .model import Model
+from .voice_file import Voice
+from .voice_select import SelectedVoice, select_voice
 from .options import (  # noqa: F401  (re-exported: the defaults' historical home)
     DEFAULT_CFG_ALPHA,
     DEFAULT_CHUNK_FRAMES,
@@ -179,8 +182,8 @@ def check_fits(model: Model, prompt: int, limit: int, *, explicit: bool, what: s
         )
 
 
-def _check_request(model: Model, text: str, voice: str, *, max_frames, cfg_alpha, flow_steps, seed,
-                   first_chunk_frames, chunk_frames, prefill_step_size) -> tuple[list[int], int]:
+def _check_request(model: Model, text: str, voice: SelectedVoice, *, max_frames, cfg_alpha, flow_steps,
+                   seed, first_chunk_frames, chunk_frames, prefill_step_size) -> tuple[list[int], int]:
     """Every option of a ``stream_generate`` request checked (ValueError naming it); the prompt
     ids and the frame limit."""
     check_text(text, None)
@@ -188,8 +191,7 @@ def _check_request(model: Model, text: str, voice: str, *, max_frames, cfg_alpha
                   prefill_step_size=prefill_step_size)
     check_int(first_chunk_frames, "first_chunk_frames", 1)
     check_int(chunk_frames, "chunk_frames", 1)
-    model.voice(voice)  # unknown voice → ValueError listing the valid ones
-    ids = model.tokenizer.encode_speech(text, voice)
+    ids = model.tokenizer.encode_speech_prompt(text, voice.n_rows)  # the row count is the voice's own
     limit = frame_limit(model, ids, max_frames)
     check_fits(model, len(ids), limit, explicit=max_frames is not None)
     return ids, limit
@@ -198,7 +200,7 @@ def _check_request(model: Model, text: str, voice: str, *, max_frames, cfg_alpha
 def stream_generate(
     model: Model,
     text: str,
-    voice: str = DEFAULT_VOICE,
+    voice: str | os.PathLike | Voice | SelectedVoice = DEFAULT_VOICE,
     *,
     seed: int | None = None,
     noise: mx.array | None = None,
@@ -216,7 +218,8 @@ def stream_generate(
     Args:
         model: a model from ``mlx_speech.load``.
         text: what to say (no normalization is applied).
-        voice: a preset voice name (``model.voices``).
+        voice: a voice name the model knows (``model.voices``), a voice file, a name in the user's
+            voice folder, or a ``Voice`` (see ``voice_select``).
         seed, noise, cfg_alpha, flow_steps, prefill_step_size: see ``generate_step``; every
             option is checked (``options.check_options``) before any work, with a ValueError
             naming it.
@@ -238,15 +241,16 @@ def stream_generate(
         one-shot decode of all frames.
     """
     start = time.perf_counter()
+    voice = select_voice(model, voice)  # unknown voice → ValueError listing the valid ones
     ids, limit = _check_request(model, text, voice, max_frames=max_frames, cfg_alpha=cfg_alpha,
                                 flow_steps=flow_steps, seed=seed, first_chunk_frames=first_chunk_frames,
                                 chunk_frames=chunk_frames, prefill_step_size=prefill_step_size)
     if noise is not None and max_frames is None:
         limit = min(limit, noise.shape[0])  # no frame can be made past the given noise
-    embeddings = model.prompt_embeddings(mx.array(ids), model.voice(voice))
+    embeddings = model.prompt_embeddings(mx.array(ids), voice.rows)
     cache = None
     if use_voice_cache:
-        cache = model.voice_cache.prefill(model, voice, ids, embeddings, step_size=prefill_step_size,
+        cache = model.voice_cache.prefill(model, voice.key, ids, embeddings, step_size=prefill_step_size,
                                           cancel=cancel)[0]
     codec_cache = model.audio_tokenizer.make_cache()
     sr, spf = model.config.sample_rate, model.config.samples_per_frame
@@ -301,6 +305,7 @@ def collect(responses: Iterator[GenerationResponse]) -> GenerationResult:
     )
 
 
-def generate(model: Model, text: str, voice: str = DEFAULT_VOICE, **kwargs) -> GenerationResult:
+def generate(model: Model, text: str, voice: str | os.PathLike | Voice | SelectedVoice = DEFAULT_VOICE,
+             **kwargs) -> GenerationResult:
     """Speak ``text`` in one go. Takes the keyword arguments of ``stream_generate``."""
     return collect(stream_generate(model, text, voice, **kwargs))

@@ -23,6 +23,7 @@ any length (the CLI and the server use it for every request):
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import unicodedata
@@ -45,6 +46,8 @@ from .generation import (
 from .model import Model
 from .options import check_options
 from .prompt_cache import cancelled
+from .voice_file import Voice
+from .voice_select import SelectedVoice, select_voice
 
 DEFAULT_CHUNK_CHARS = 400  # about 25 s of speech per prompt
 DEFAULT_FIRST_CHUNK_CHARS = 120
@@ -215,7 +218,7 @@ def chunk_seed(seed: int | None, index: int) -> int | None:
 def plan_pieces(
     model: Model,
     text: str,
-    voice: str = DEFAULT_VOICE,
+    voice: str | os.PathLike | Voice | SelectedVoice = DEFAULT_VOICE,
     *,
     max_chars: int | None = DEFAULT_MAX_CHARS,
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
@@ -233,8 +236,7 @@ def plan_pieces(
             exceeds the model's context even when cut to single characters.
     """
     check_text(text, max_chars)
-    if voice not in model.voices:
-        raise ValueError(f"unknown voice {voice!r}; choose one of: {', '.join(model.voices)}")
+    voice = select_voice(model, voice)  # unknown voice → ValueError listing the valid ones
     context = model.config.max_seq_len
     if max_frames is not None and max_frames >= context:
         raise ValueError(
@@ -247,7 +249,7 @@ def plan_pieces(
     planned, todo = [], [(p, chunk_chars) for p in pieces]
     while todo:
         piece, limit = todo.pop(0)
-        ids = model.tokenizer.encode_speech(piece, voice)
+        ids = model.tokenizer.encode_speech_prompt(piece, voice.n_rows)
         frames = frame_limit(model, ids, max_frames)
         if len(ids) + frames <= context:
             planned.append((piece, len(ids)))
@@ -278,7 +280,7 @@ def crossfade(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
 def stream_generate_long(
     model: Model,
     text: str,
-    voice: str = DEFAULT_VOICE,
+    voice: str | os.PathLike | Voice | SelectedVoice = DEFAULT_VOICE,
     *,
     seed: int | None = None,
     max_chars: int | None = DEFAULT_MAX_CHARS,
@@ -294,7 +296,7 @@ def stream_generate_long(
     Args:
         model: a model from ``mlx_speech.load``.
         text: what to say.
-        voice: a preset voice name, used for every piece.
+        voice: a voice (name, file, ``Voice``: see ``voice_select``), used for every piece.
         seed: piece ``i`` uses ``chunk_seed(seed, i)``; None: random.
         max_chars: refuse longer text with a ValueError naming both numbers (None: no limit).
         chunk_chars, first_chunk_chars: piece sizes (see ``split_text``).
@@ -314,6 +316,7 @@ def stream_generate_long(
     if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, (int, float)) or not crossfade_ms >= 0:
         raise ValueError(f"crossfade_ms must be >= 0, got {crossfade_ms!r}")
     check_options(seed=seed, max_frames=max_frames, **{k: kwargs[k] for k in _OPTIONS if k in kwargs})
+    voice = select_voice(model, voice)  # once: a voice file is read once, not per piece
     planned = plan_pieces(model, text, voice, max_chars=max_chars, chunk_chars=chunk_chars,
                           first_chunk_chars=first_chunk_chars, max_frames=max_frames)
     start = time.perf_counter()
@@ -359,6 +362,7 @@ def stream_generate_long(
                 frames_before += r.frames
 
 
-def generate_long(model: Model, text: str, voice: str = DEFAULT_VOICE, **kwargs) -> GenerationResult:
+def generate_long(model: Model, text: str, voice: str | os.PathLike | Voice | SelectedVoice = DEFAULT_VOICE,
+                  **kwargs) -> GenerationResult:
     """Speak text of any length in one go. Takes the keyword arguments of ``stream_generate_long``."""
     return collect(stream_generate_long(model, text, voice, **kwargs))

@@ -17,6 +17,7 @@ from .backbone import BackboneConfig, backbone_key, make_backbone, make_backbone
 from .codec import Codec, CodecConfig, sanitize_codec
 from .config import (
     MAX_VOICES,
+    VOICE_NAME,
     FieldError,
     check_field,
     check_quantization,
@@ -247,12 +248,31 @@ class Model(nn.Module):
         self._voices = dict(voices)
         self.voice_cache.clear()
 
+    def add_voice(self, name: str, embedding) -> None:
+        """Make ``embedding`` (rows, dim) speakable as ``voice=name``, like a preset.
+
+        The rows are checked (the model's width, 1 to ``voice_file.MAX_VOICE_ROWS`` rows,
+        finite); a name already in use is replaced and its cached prompt prefix dropped.
+
+        Raises:
+            ValueError: a name that is not letters, digits and ``_`` (at most 64), or rows the
+                check refuses (``CheckpointError``).
+        """
+        from .voice_file import check_voice_embedding
+
+        if not isinstance(name, str) or not VOICE_NAME.fullmatch(name):
+            raise ValueError(f"voice name {name!r} must be 1 to 64 letters, digits or '_'")
+        rows = mx.array(embedding)
+        check_voice_embedding(rows, self.config.backbone.dim, f"voice {name!r}")
+        self._voices[name] = rows
+        self.voice_cache.forget(name)
+
     @property
     def voices(self) -> list[str]:
         return sorted(self._voices)
 
     def voice(self, name: str) -> mx.array:
-        """The preset's input-embedding rows (N, dim); unknown names list the valid ones."""
+        """The rows (N, dim) of a voice the model knows; unknown names list the valid ones."""
         if name not in self._voices:
             raise ValueError(f"unknown voice {name!r}; choose one of: {', '.join(self.voices)}")
         return self._voices[name]

@@ -87,6 +87,11 @@ class VoicePrefixCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def forget(self, voice: str) -> None:
+        """Drop the entries of ``voice`` (its rows changed, e.g. ``Model.add_voice``)."""
+        for key in [k for k in self._entries if k[0] == voice]:
+            del self._entries[key]
+
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for entry in self._entries.values() for k, v in entry)
@@ -97,7 +102,9 @@ class VoicePrefixCache:
 
         ``embeddings`` are the prompt's (L, dim) input embeddings with ``voice``'s rows in
         place; the caller prefills ``embeddings[length:]`` on top of the returned cache.
-        Entries are keyed by voice name and prefix ids; ``Model.set_voices`` clears them.
+        ``voice`` is the voice's cache key (``SelectedVoice.key``: the name of a model voice, a
+        digest of the rows of a custom one); entries are keyed by it and the prefix ids, and
+        ``Model.set_voices`` / ``add_voice`` drop them.
         A new prefix is prefilled in chunks of ``step_size`` (see ``prefill``); if ``cancel``
         is set meanwhile nothing is stored and an empty cache (length 0) is returned.
         """

@@ -1,11 +1,18 @@
-"""What the 20 preset voices of the release are (spec §4.4): language and gender by name.
+"""What voices there are, without MLX: the 20 presets' language and gender by name, and the
+user's folder of custom voices.
 
-The voice embeddings themselves live in the model folder (``voices/<name>.safetensors``);
-this table only describes them for listings (CLI ``--list-voices``, README).
+The preset embeddings live in the model folder (``voices/<name>.safetensors``); custom voices
+(made by ``python -m mlx_speech.clone``) are files of the same form, anywhere or in
+``user_voice_dir()``. Nothing here reads a tensor: listings (CLI ``--list-voices``) stay fast.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
+_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")  # as config.VOICE_NAME: a name is never a path
 _LANGUAGES = {
     "ar": "Arabic", "de": "German", "es": "Spanish", "fr": "French", "hi": "Hindi",
     "it": "Italian", "nl": "Dutch", "pt": "Portuguese",
@@ -24,3 +31,35 @@ def voice_info(name: str) -> tuple[str, str]:
     if prefix in _ENGLISH_STYLES:
         return f"English ({prefix})", gender
     return _LANGUAGES.get(prefix, "unknown"), gender
+
+
+# ---- custom voices in the user's voice folder ---------------------------------------------------
+VOICE_SUFFIX = ".safetensors"
+
+
+def user_voice_dir() -> Path:
+    """Where ``--voice NAME`` also looks for ``NAME.safetensors``: ``$MLX_SPEECH_VOICES``, else
+    ``~/.cache/mlx_speech/voices`` (``python -m mlx_speech.clone`` output can be saved there)."""
+    return Path(os.environ.get("MLX_SPEECH_VOICES", Path.home() / ".cache" / "mlx_speech" / "voices")).expanduser()
+
+
+def user_voice_files(folder: Path | None = None) -> dict[str, Path]:
+    """Custom voices found in ``folder`` (default ``user_voice_dir()``): name → file, sorted.
+
+    Only names that are valid voice names (letters, digits, ``_``) are listed; an absent
+    folder lists nothing.
+    """
+    folder = user_voice_dir() if folder is None else Path(folder)
+    if not folder.is_dir():
+        return {}
+    found = {f.name[: -len(VOICE_SUFFIX)]: f for f in folder.iterdir()
+             if f.name.endswith(VOICE_SUFFIX) and f.is_file()}
+    return {name: found[name] for name in sorted(found) if _NAME.fullmatch(name)}
+
+
+def looks_like_voice_file(voice: str | os.PathLike) -> bool:
+    """Whether a ``voice`` argument names a file rather than a voice: a path object, a name
+    ending in ``.safetensors``, or one with a folder separator (voice names have neither)."""
+    if isinstance(voice, os.PathLike):
+        return True
+    return isinstance(voice, str) and (voice.endswith(VOICE_SUFFIX) or "/" in voice or os.sep in voice)
