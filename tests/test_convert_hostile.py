@@ -537,17 +537,46 @@ def test_swap_refuses_a_folder_that_appeared_meanwhile(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 
 
-def test_two_concurrent_conversions_of_the_same_target(tmp_path):
+def test_swap_replaces_a_model_that_appeared_meanwhile_only_with_overwrite(tmp_path, monkeypatch):
+    import shutil
+
+    import mlx_speech.utils as utils
+
+    src = release_copy(tmp_path)
+    first = convert(hf_path=str(src), mlx_path=str(tmp_path / "first"), dtype="bfloat16", verbose=False)
+    out = tmp_path / "out"
+    save_model = utils.save_model
+
+    def appear_then_save(path, model):
+        if not out.exists():
+            shutil.copytree(first, out)  # another conversion finished first (bfloat16)
+        save_model(path, model)
+
+    monkeypatch.setattr(utils, "save_model", appear_then_save)
+    with pytest.raises(FileExistsError, match="appeared while converting"):
+        _convert(src, out)
+    assert mx.load(str(out / "model.safetensors"))["backbone.norm.weight"].dtype == mx.bfloat16  # kept
+    shutil.rmtree(out)
+    _convert(src, out, overwrite=True)  # float32 replaces the bfloat16 one that appeared
+    assert mx.load(str(out / "model.safetensors"))["backbone.norm.weight"].dtype == mx.float32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "out", "release"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_concurrent_conversions_of_the_same_target(tmp_path, overwrite):
+    """Without --overwrite exactly one wins and the other says so; with it both succeed (the last
+    swap wins). Either way the result is one complete model and nothing is left beside it."""
     src = release_copy(tmp_path)
     out = tmp_path / "out"
-    args = ["--hf-path", str(src), "--mlx-path", str(out), "--dtype", "float32"]
+    args = ["--hf-path", str(src), "--mlx-path", str(out), "--dtype", "float32"] + ["--overwrite"] * overwrite
     procs = [subprocess.Popen([sys.executable, str(REPO / "convert.py"), *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     codes = sorted(rc for rc, _ in results)
-    assert codes == [0, 1], results
-    loser = next(err for rc, err in results if rc == 1)
-    assert "already exists" in loser or "appeared while converting" in loser
+    assert codes == ([0, 0] if overwrite else [0, 1]), results
+    if not overwrite:
+        loser = next(err for rc, err in results if rc == 1)
+        assert "already exists" in loser or "appeared while converting" in loser
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "release"]
     from mlx_speech import load
 
