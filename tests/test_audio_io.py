@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mlx_speech.audio_io import AudioFileWriter, supported_extensions, write_audio
+from mlx_speech import audio_io
+from mlx_speech.audio_io import (
+    AudioFileWriter,
+    AudioWriteError,
+    check_output_path,
+    supported_extensions,
+    write_audio,
+)
 
 SR = 24000
 
@@ -195,3 +202,42 @@ def test_final_file_gets_normal_permissions(tmp_path):
     path = tmp_path / "p.wav"
     write_audio(path, _tone(10), SR)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_an_existing_folder_is_refused_before_writing(tmp_path):
+    (tmp_path / "speech.wav").mkdir()
+    for attempt in (check_output_path, lambda p: AudioFileWriter(p, SR), lambda p: write_audio(p, _tone(10), SR)):
+        with pytest.raises(IsADirectoryError, match="speech.wav is a folder"):
+            attempt(tmp_path / "speech.wav")
+    assert os.listdir(tmp_path) == ["speech.wav"] and os.listdir(tmp_path / "speech.wav") == []
+
+
+def test_check_output_path_tries_for_real_and_leaves_nothing(tmp_path):
+    check_output_path(tmp_path / "ok.wav")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        check_output_path(tmp_path / "file" / "o.wav")
+
+
+def test_libsndfile_write_error_names_the_requested_path(tmp_path, monkeypatch):
+    def full_disk(self, data):
+        raise sf.LibsndfileError(2, "Error writing: ")  # how soundfile reports ENOSPC
+
+    path = tmp_path / "out.wav"
+    writer = AudioFileWriter(path, SR)
+    monkeypatch.setattr(sf.SoundFile, "write", full_disk)
+    with pytest.raises(AudioWriteError) as e:
+        writer.write(_tone(100))
+    assert str(e.value).startswith(f"cannot write {path}: ") and ".part" not in str(e.value)
+    assert isinstance(e.value, OSError) and writer.closed
+    assert os.listdir(tmp_path) == []  # the temporary file is removed
+
+
+def test_a_temp_file_that_cannot_be_created_names_the_requested_path(tmp_path, monkeypatch):
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", os.path.join(tmp_path, ".out.wav.1234abcd.part"))
+
+    monkeypatch.setattr(audio_io, "_temp_path", refuse)
+    with pytest.raises(AudioWriteError, match=f"^cannot write {tmp_path / 'out.wav'}: Permission denied$"):
+        AudioFileWriter(tmp_path / "out.wav", SR)

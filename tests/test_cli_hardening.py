@@ -212,12 +212,14 @@ def test_text_sources_are_checked_before_the_model_is_looked_at(tmp_path, source
 def test_missing_model_folder_and_unknown_voice_are_named_before_loading(tiny_mlx):
     r = cli("--model", MISSING_MODEL, "--text", TEXT, "-o", "x.wav")
     assert r.returncode == 2
-    assert r.stderr.splitlines() == [f"error: --model {MISSING_MODEL}: no such folder (nor a Hub repo id like 'owner/name')"]
+    assert r.stderr.splitlines() == [
+        f"error: --model {MISSING_MODEL}: no such folder (nor a Hub repo id like 'owner/name')"]
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "mlx_speech.generate", "--model", str(tiny_mlx),
                         "--text", TEXT, "--voice", "robot", "-o", "x.wav"],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 2 and not MLX_IMPORT.search(r.stderr)
-    assert error_lines(r.stderr) == ["error: --voice: unknown voice 'robot'; choose one of: casual_male, neutral_female"]
+    assert error_lines(r.stderr) == [
+        "error: --voice: unknown voice 'robot'; choose one of: casual_male, neutral_female"]
     assert not (REPO / "x.wav").exists()
 
 

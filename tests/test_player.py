@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlx_speech import player as player_module
-from mlx_speech.player import AudioPlayer, PlayerError, Resampler, list_output_devices
+from mlx_speech.player import AudioPlayer, PlayerError, Resampler, check_output_device, list_output_devices
 
 SR = 24000
 
@@ -485,3 +485,27 @@ def test_device_without_24k_is_opened_at_its_own_rate(monkeypatch):
     assert list_output_devices() == [(1, "Speakers", 44100.0)]
     monkeypatch.setitem(sys.modules, "sounddevice", fake_sounddevice([SPEAKERS]))
     assert AudioPlayer(SR).device_rate == SR  # taken as is when the device supports it
+
+
+def test_check_output_device_is_one_line_per_problem(monkeypatch):
+    def query_devices(device=None, kind=None):
+        if device is None and kind is None:
+            return [MIC, SPEAKERS]
+        if device == "Multi":  # sounddevice lists the candidates on further lines
+            raise ValueError("Multiple output devices found for 'Multi':\n[1] Multi A\n[2] Multi B")
+        if device == 0:
+            raise ValueError("Not an output device: 'Mic'")
+        return SPEAKERS
+
+    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(query_devices=query_devices))
+    check_output_device()
+    check_output_device("Speakers")
+    with pytest.raises(PlayerError) as e:
+        check_output_device("Multi")
+    assert str(e.value) == ("no audio output device 'Multi': Multiple output devices found for 'Multi' "
+                            "(see --list-devices)")
+    with pytest.raises(PlayerError, match="^no audio output device 0: Not an output device: 'Mic'"):
+        check_output_device(0)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake_sounddevice([MIC]))
+    with pytest.raises(PlayerError, match="no audio output device found"):
+        check_output_device()
