@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from numbers import Integral, Real
 
+from .errors import quoted
+
 DEFAULT_VOICE = "neutral_female"
 DEFAULT_MAX_FRAMES = 2048  # 163.8 s of audio, the reference server's limit
 DEFAULT_CFG_ALPHA = 1.2
@@ -65,14 +67,16 @@ def check_int(value, name: str, lo: int, hi: int | None = None) -> int:
     """``value`` as an int in [lo, hi]; a bool, float or string is refused naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < lo or (hi is not None and value > hi):
         span = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
-        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {span}, got {quoted(value)}")
     return int(value)
 
 
 def check_number(value, name: str, lo: float, hi: float) -> float:
     """``value`` as a finite float in [lo, hi]; NaN, infinities and non-numbers are refused."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a finite number from {lo} to {hi}, got {value!r}")
+    # Compare before math.isfinite: an int like 10**400 is a Real that no float can hold
+    # (isfinite would raise OverflowError); lo <= value <= hi refuses it exactly.
+    if isinstance(value, bool) or not isinstance(value, Real) or not lo <= value <= hi or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number from {lo} to {hi}, got {quoted(value)}")
     return float(value)
 
 

@@ -319,3 +319,15 @@ def test_long_text_caps_each_piece_and_says_which(model, never_ends, small_caps)
     assert last.finish_reason == "length" and last.frames == sum(caps)
     assert last.capped_pieces == ((0, caps[0]), (1, caps[1])) and last.frame_cap == caps[1]
     assert [c.frame_cap for c in chunks if c.piece == 0] == [caps[0]] * sum(c.piece == 0 for c in chunks)
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), float("nan"), "1.2", True])
+def test_numbers_no_float_can_hold_are_refused_in_one_short_line(value):
+    from mlx_speech.options import check_options
+
+    with pytest.raises(ValueError) as e:
+        check_options(cfg_alpha=value)
+    assert str(e.value).startswith("cfg_alpha must be a finite number") and len(str(e.value)) < 200
+    with pytest.raises(ValueError) as e:
+        check_options(seed=value if not isinstance(value, float) else 10**400)
+    assert str(e.value).startswith("seed must be an integer") and len(str(e.value)) < 200
