@@ -159,6 +159,18 @@ def _open_player(model, job: Job, progress: Progress):
         return None
 
 
+class _PlaybackFailed(OSError):
+    """The sound device failed mid-run and there is no file to write instead (exit status 1)."""
+
+
+def _without_player(player, error, job: Job, progress: Progress) -> None:
+    """A device that fails mid-run costs the sound, never the file: stop playing, keep writing."""
+    player.abort()
+    if job.output is None:
+        raise _PlaybackFailed(str(error)) from None
+    progress.line(f"warning: {error}; writing {job.output} only")
+
+
 def _interrupted(e: KeyboardInterrupt) -> str:
     signum = getattr(e, "signum", None)  # signals.Terminated: SIGTERM or SIGHUP
     return "interrupted" + (f" ({signal.Signals(signum).name})" if signum else "")
@@ -168,6 +180,7 @@ def speak(model, job: Job, args, progress: Progress) -> int:
     """Generate, writing and/or playing as the chunks come; the summary at the end."""
     from .audio_io import AudioFileWriter
     from .longform import stream_generate_long
+    from .player import PlayerError
 
     player = _open_player(model, job, progress) if job.play else None
     writer = last = None
@@ -186,13 +199,19 @@ def speak(model, job: Job, args, progress: Progress) -> int:
                     chunk_s = DEFAULT_CHUNK_FRAMES * model.config.samples_per_frame / model.config.sample_rate
                     player.plan(expected_seconds=_expected_seconds(job.text), chunk_seconds=chunk_s,
                                 real_time_factor=last.real_time_factor)
-                player.queue(last.audio)
+                try:
+                    player.queue(last.audio)  # may start the device
+                except PlayerError as e:
+                    player = _without_player(player, e, job, progress)
             progress.chunk(last)
         progress.end_status()
         if writer is not None:
             writer.close()  # complete now: a Ctrl-C while the rest plays keeps all of it
         if player is not None:
-            player.close(report=progress.playing)
+            try:
+                player.close(report=progress.playing)
+            except PlayerError as e:
+                player = _without_player(player, e, job, progress)
             progress.end_status()
     except KeyboardInterrupt as e:
         with _ignoring_stop_signals():

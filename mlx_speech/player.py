@@ -403,9 +403,13 @@ class AudioPlayer:
 
     # ---- internals ---------------------------------------------------------------------
     def _start(self):
-        self._started = True
         self.start_time = time.perf_counter()
-        self._stream.start()
+        try:
+            self._stream.start()
+        except Exception as e:  # PortAudioError: the device went away or refused to start
+            where = "the default device" if self.device is None else f"device {self.device!r}"
+            raise PlayerError(f"cannot start audio output on {where}: {_first_line(e)}") from None
+        self._started = True
 
     def _put(self, x: np.ndarray) -> None:
         if not len(x):

@@ -35,7 +35,8 @@ MLX_IMPORT = re.compile(r"^import time:.*\|\s*(mlx|mlx_lm)(\.|$)", re.M)
 
 FAKE_SOUNDDEVICE = textwrap.dedent('''
     """Stand-in for sounddevice: devices from $FAKE_SD_DEVICES; a stream that calls back from a
-    thread, $FAKE_SD_SPEED times real time, appending what it was handed to $FAKE_SD_RECORD."""
+    thread, $FAKE_SD_SPEED times real time, appending what it was handed to $FAKE_SD_RECORD
+    (or refuses to start with $FAKE_SD_START_FAILS)."""
     import json, os, threading, time, types
     import numpy as np
 
@@ -85,6 +86,8 @@ FAKE_SOUNDDEVICE = textwrap.dedent('''
             return time.monotonic() - self._t0
 
         def start(self):
+            if os.environ.get("FAKE_SD_START_FAILS"):
+                raise PortAudioError("Error starting stream: Device unavailable [PaErrorCode -9985]")
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
 
@@ -281,6 +284,21 @@ def test_missing_portaudio(fake_sd, tiny_mlx, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith("warning: cannot play audio: the PortAudio library is missing")
     assert len(sf.read(out)[0]) == 6 * SPF
+
+
+def test_a_device_failing_mid_run_costs_the_sound_not_the_file(fake_sd, tiny_mlx, tmp_path):
+    env = {**fake_sd, "FAKE_SD_START_FAILS": "1"}  # the check passes; starting the stream fails
+    out = tmp_path / "o.wav"
+    args = ("--model", tiny_mlx, "--text", TEXT, "--voice", "casual_male", "--seed", 4, "--max-frames", 6)
+    r = cli(*args, "--play", "-o", out, "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [f"warning: cannot start audio output on the default device: Error starting stream: "
+                                     f"Device unavailable [PaErrorCode -9985]; writing {out} only"]
+    assert len(sf.read(out)[0]) == 6 * SPF
+    r = cli(*args, "-q", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == ["error: cannot start audio output on the default device: Error starting stream: "
+                                     "Device unavailable [PaErrorCode -9985]"]
 
 
 def played(env) -> np.ndarray:

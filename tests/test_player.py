@@ -415,6 +415,18 @@ def test_context_manager_aborts_on_error():
     assert p._stream.aborted
 
 
+def test_a_stream_that_fails_to_start_is_a_player_error():
+    class Unavailable(FakeStream):
+        def start(self):
+            raise RuntimeError("Error starting stream: Device unavailable")
+
+    p, stream = make_player(Unavailable)
+    with pytest.raises(PlayerError, match="cannot start audio output on the default device: Error starting stream"):
+        p.queue(np.ones(10, np.float32))
+    p.abort()  # not started: only closes
+    assert stream.closed and not stream.aborted
+
+
 def test_factory_failure_is_a_player_error():
     def factory(**kwargs):
         raise ValueError("No output device matching 'nope'")
