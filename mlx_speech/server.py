@@ -113,8 +113,10 @@ def create_app(worker: Worker, model_id: str, *, host: str = DEFAULT_HOST, allow
     async def list_voices(request: Request) -> Response:
         data = []
         for name in worker.voices:
-            language, gender = voice_info(name)
-            data.append({"id": name, "object": "voice", "name": name, "language": language, "gender": gender})
+            custom = name in worker.custom_voices
+            language, gender = ("unknown", "unknown") if custom else voice_info(name)
+            data.append({"id": name, "object": "voice", "name": name, "language": language, "gender": gender,
+                         "custom": custom})
         return JSONResponse({"object": "list", "data": data})
 
     async def list_models(request: Request) -> Response:
@@ -177,6 +179,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                                 description="OpenAI-compatible speech server for Voxtral-4B-TTS in MLX.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"MLX model folder, original release folder, or Hub repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--voices", metavar="DIR", default=None,
+                   help="also speak with the custom voices in this folder (<name>.safetensors, e.g. made by "
+                        "python -m mlx_speech.clone); listed by GET /v1/audio/voices with \"custom\": true")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default: {DEFAULT_HOST}, this machine only). 0.0.0.0 (or ::) "
                         "listens on every network interface: anyone who can reach this machine can use the "
@@ -256,7 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     return: it leaves through ``os._exit`` (see ``_exit``), with 0 after Ctrl-C or SIGTERM."""
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
-    worker = Worker(args.model, max_queue=args.max_queue, max_chars=args.max_chars)
+    if args.voices is not None and not Path(args.voices).expanduser().is_dir():
+        print(f"error: --voices {args.voices}: no such folder", file=sys.stderr)
+        raise SystemExit(2)
+    worker = Worker(args.model, max_queue=args.max_queue, max_chars=args.max_chars,
+                    voices_dir=None if args.voices is None else str(Path(args.voices).expanduser()))
     status = 0
     with graceful_signals():  # SIGTERM and SIGHUP stop the server like Ctrl-C
         _load(worker, args.model)

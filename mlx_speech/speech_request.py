@@ -73,9 +73,8 @@ def _check_fields(payload: dict, voices: list[str]) -> None:
     for name in CLONING_FIELDS:
         if name in payload:
             raise RequestError(
-                f"{name!r} is not supported: cloning a voice from reference audio is not possible with "
-                f"the open Voxtral weights (the codec encoder was not released); use a preset voice: "
-                f"{', '.join(voices)}", name)
+                f"{name!r} is not supported: a voice is cloned ahead of time (python -m mlx_speech.clone, "
+                f"about a minute or more), then served with --voices DIR; use one of: {', '.join(voices)}", name)
     if payload.get("instructions") not in (None, ""):
         raise RequestError("'instructions' is not supported: Voxtral cannot be steered by instructions; "
                            "choose a preset voice for the style instead", "instructions")

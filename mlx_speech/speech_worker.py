@@ -38,6 +38,32 @@ class SpeechJob:
             self.cancel.set()
 
 
+def add_voice_folder(model, folder) -> list[str]:
+    """Add every ``<name>.safetensors`` voice file of ``folder`` to ``model`` (checked, as
+    ``Voice.load`` does); the names added, sorted.
+
+    Raises:
+        ValueError: the folder does not exist or holds no voice file, a name clashes with a
+            preset, or a file is refused (``CheckpointError`` naming it).
+    """
+    from pathlib import Path
+
+    from .voice_file import Voice
+    from .voices import user_voice_files
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--voices {folder}: no such folder")
+    found = user_voice_files(folder)
+    if not found:
+        raise ValueError(f"--voices {folder}: no voice files (<name>.safetensors) in it")
+    for name, path in found.items():
+        if name in model.voices:
+            raise ValueError(f"--voices {folder}: {path.name} has the name of a preset voice; rename it")
+        model.add_voice(name, Voice.load(path, model.config.backbone.dim).embedding)
+    return list(found)
+
+
 def _release_mlx() -> None:
     """Free this thread's MLX streams before it ends: without it, a process that used MLX from a
     thread can abort at exit ("terminate called without an active exception", ml-explore/mlx#3126)."""
@@ -53,9 +79,11 @@ class Worker:
     and the status attributes; ``_load`` and ``_generate`` are the two places that touch the model.
     """
 
-    def __init__(self, model_path: str, max_queue: int = DEFAULT_MAX_QUEUE, max_chars: int = DEFAULT_MAX_CHARS):
-        self.model_path, self.max_chars = model_path, max_chars
+    def __init__(self, model_path: str, max_queue: int = DEFAULT_MAX_QUEUE, max_chars: int = DEFAULT_MAX_CHARS,
+                 voices_dir: str | None = None):
+        self.model_path, self.max_chars, self.voices_dir = model_path, max_chars, voices_dir
         self.model = None
+        self.custom_voices: list[str] = []  # names added from voices_dir
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.counts = {"served": 0, "cancelled": 0, "failed": 0}
         self.busy = False
@@ -69,7 +97,10 @@ class Worker:
     def _load(self):
         from . import load
 
-        return load(self.model_path)
+        model = load(self.model_path)
+        if self.voices_dir is not None:
+            self.custom_voices = add_voice_folder(model, self.voices_dir)
+        return model
 
     def _generate(self, request: SpeechRequest, cancel: threading.Event):
         """The job's ``LongGenerationResponse`` chunks; stops when ``cancel`` is set."""
