@@ -49,11 +49,25 @@ def _decode(data: bytes, source: str, max_chars: int) -> str:
         raise CLIError(f"{source} is not valid UTF-8 (byte {e.start})") from None
 
 
+def _read_bounded(f, limit: int, block: int = 1 << 20) -> bytes:
+    """At most ``limit`` bytes of binary stream ``f``, read in blocks: a huge file or /dev/zero is
+    refused, not slurped, and a huge ``--max-chars`` allocates nothing up front (``read(n)``
+    would)."""
+    parts, size = [], 0
+    while size < limit:
+        data = f.read(min(block, limit - size))
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)
+
+
 def _read_file(name: str, limit: int) -> bytes:
     what = f"--file: text file {name!r}"
     try:
         with open(name, "rb") as f:
-            return f.read(limit)  # bounded: a huge file or /dev/zero is refused, not slurped
+            return _read_bounded(f, limit)
     except FileNotFoundError:
         raise CLIError(f"{what} does not exist") from None
     except IsADirectoryError:
@@ -70,7 +84,7 @@ def read_text(args) -> str:
     elif args.file is not None:
         text = _decode(_read_file(args.file, limit), f"--file: text file {args.file!r}", args.max_chars)
     elif sys.stdin is not None and not sys.stdin.isatty():
-        text = _decode(sys.stdin.buffer.read(limit), "standard input", args.max_chars)
+        text = _decode(_read_bounded(sys.stdin.buffer, limit), "standard input", args.max_chars)
     else:
         raise CLIError("no text: pass --text \"...\", --file FILE, or pipe text on standard input")
     if not text.strip():

@@ -212,6 +212,12 @@ def test_text_sources_are_checked_before_the_model_is_looked_at(tmp_path, source
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message.format(tmp=tmp_path)}")
 
 
+def test_a_huge_max_chars_allocates_nothing_up_front():
+    r = subprocess.run([sys.executable, "-m", "mlx_speech.generate", "--model", MISSING_MODEL, "--max-chars",
+                        str(10**18)], input=b"Hello.", capture_output=True, cwd=REPO, timeout=60)
+    assert r.returncode == 2 and r.stderr.decode().startswith(f"error: --model {MISSING_MODEL}")  # text read
+
+
 def test_missing_model_folder_and_unknown_voice_are_named_before_loading(tiny_mlx):
     r = cli("--model", MISSING_MODEL, "--text", TEXT, "-o", "x.wav")
     assert r.returncode == 2
