@@ -21,7 +21,7 @@ _EXPORTS = {
     "generate": "generation",
     "stream_generate": "generation",
     "Tokenizer": "tokenizer",
-    "load": "utils",
+    "load": "loading",
     "Voice": "voice_file",
     "codes_to_voice": "voice_codes",
     "voice_to_codes": "voice_codes",

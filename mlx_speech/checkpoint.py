@@ -14,6 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import MAX_VOICES, check_voice_name
 from .errors import CheckpointError, file_error, quoted
@@ -27,6 +28,9 @@ from .json_files import (
     source_roots,
 )
 from .model import ModelConfig
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 WEIGHTS_FILE = "consolidated.safetensors"
 PARAMS_FILE = "params.json"
@@ -238,7 +242,7 @@ def check_checkpoint(path: str | Path, config: ModelConfig) -> dict[str, dict]:
     return header
 
 
-# ---- tokenizer and voices (shared with utils.load) ---------------------------------------------
+# ---- tokenizer and voices (shared with loading.load) ---------------------------------------------
 
 def read_tokenizer(path: str | os.PathLike):
     """Load ``tekken.json`` (``Tokenizer``, which refuses a damaged file as one CheckpointError

@@ -12,11 +12,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .model_layout import detect_layout, preset_voice_files
+from .model_source import looks_like_hub_id
 from .options import check_int, check_options, check_text
-
-# An MLX model folder's layout (utils.CONFIG_FILE, utils.VOICES_DIR; utils imports MLX).
-CONFIG_FILE = "config.json"
-VOICES_DIR = "voices"
+from .voices import looks_like_voice_file, user_voice_dir, user_voice_files
 
 
 class CLIError(Exception):
@@ -97,20 +96,39 @@ def read_text(args) -> str:
 
 
 def local_model_folder(model: str) -> Path | None:
-    """The folder ``--model`` names, or None for a Hub repo id; refuses a missing path."""
+    """The folder ``--model`` names, or None for a Hub repo id; refuses a missing path (the
+    rule is the loader's: ``model_source.looks_like_hub_id``)."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise CLIError(f"--model {model}: this is a file; give the model folder")
         return path
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if not looks_like_hub_id(model):
         raise CLIError(f"--model {model}: no such folder (nor a Hub repo id like 'owner/name')")
     return None
 
 
-def voice_names(folder: Path) -> list[str]:
-    """The voices of an MLX model folder, read from its file names (no MLX needed)."""
-    return sorted(f.stem for f in (folder / VOICES_DIR).glob("*.safetensors"))
+def preset_names(folder: Path) -> list[str] | None:
+    """The preset voices of a local model folder in any layout (from file names, no MLX), or
+    None when the folder holds no model the loader would read (it reports that)."""
+    layout = detect_layout(folder)
+    return None if layout is None else list(preset_voice_files(folder, layout))
+
+
+def check_voice(voice: str, presets: list[str] | None) -> None:
+    """Refuse a ``--voice`` that names no preset (when ``presets`` is known), no custom voice in
+    the user's folder and no existing voice file."""
+    if looks_like_voice_file(voice):
+        path = Path(voice).expanduser()
+        if not path.is_file():
+            raise CLIError(f"--voice {voice}: no such voice file")
+        return
+    if presets is None or voice in presets or voice in user_voice_files():
+        return
+    custom = list(user_voice_files())
+    extra = f"; custom voices in {user_voice_dir()}: {', '.join(custom)}" if custom else ""
+    raise CLIError(f"--voice: unknown voice {voice!r}; choose one of: {', '.join(presets)}{extra}, "
+                   "or give a voice file (.safetensors)")
 
 
 def _device(arg: str | None):
@@ -133,10 +151,7 @@ def check_args(args) -> Job:
         except (ValueError, OSError) as e:
             raise CLIError(f"--output: {e}") from None
     folder = local_model_folder(args.model)
-    if folder is not None and (folder / CONFIG_FILE).is_file():
-        voices = voice_names(folder)
-        if args.voice not in voices:
-            raise CLIError(f"--voice: unknown voice {args.voice!r}; choose one of: {', '.join(voices)}")
+    check_voice(args.voice, preset_names(folder) if folder is not None else None)
     # Last: the sound system is the machine's state, not a typo on the command line.
     if job.play:
         from .player import PlayerError, check_output_device

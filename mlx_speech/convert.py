@@ -108,9 +108,8 @@ def _convert(hf_path, revision, dst: Path, dtype: str, quantization, overwrite: 
     import mlx.nn as nn
 
     from .checkpoint import WEIGHTS_FILE, read_release
-    from .errors import file_error
-    from .model import Model
-    from .utils import get_model_path
+    from .release_loader import model_from_release
+    from .model_source import get_model_path
 
     t0 = time.perf_counter()
     log(f"[1/5] locating the release: {hf_path}")
@@ -122,17 +121,7 @@ def _convert(hf_path, revision, dst: Path, dtype: str, quantization, overwrite: 
     config = release.config
 
     log(f"[3/5] loading {len(release.header)} tensors and transforming them ({dtype})")
-    try:
-        raw = dict(mx.load(str(source / WEIGHTS_FILE)))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise file_error(source / WEIGHTS_FILE, f"unreadable safetensors file ({e})") from None
-    _refuse_non_finite(raw, source / WEIGHTS_FILE, "")
-    model = Model(config)
-    target_dtype = getattr(mx, dtype)
-    weights = model.cast(model.sanitize(raw), target_dtype)
-    del raw
-    model.load_weights(list(weights.items()), strict=True)
-    del weights
+    model = model_from_release(release, dtype, check_raw=True)
     if quantization:
         bits, group, acoustic = quantization
         log(f"[4/5] quantizing to {bits} bits, group size {group}"
@@ -141,33 +130,12 @@ def _convert(hf_path, revision, dst: Path, dtype: str, quantization, overwrite: 
         nn.quantize(model, group_size=group, bits=bits, class_predicate=model.quant_predicate)
     else:
         log("[4/5] no quantization")
-    from mlx.utils import tree_flatten
-
-    _refuse_non_finite(dict(tree_flatten(model.parameters())), source / WEIGHTS_FILE, " after conversion")
 
     log(f"[5/5] writing {dst}")
-    _write(dst, model, release, target_dtype, overwrite, started_ns)
+    _write(dst, model, release, getattr(mx, dtype), overwrite, started_ns)
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     log(f"done: {dst} ({size / 1e9:.2f} GB, {len(release.voices)} voices) in {time.perf_counter() - t0:.1f} s")
     return dst
-
-
-def _refuse_non_finite(tensors: dict, source: Path, when: str) -> None:
-    """CheckpointError naming the first floating tensor with a NaN or an infinity (evaluates all)."""
-    import mlx.core as mx
-
-    from .errors import file_error
-    from .utils import all_finite
-
-    flags = {k: all_finite(v) for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)}
-    try:
-        mx.eval(tensors, flags)
-    except RuntimeError as e:
-        raise file_error(source, f"weights cannot be read ({e})") from None
-    bad = sorted(k for k, ok in flags.items() if not ok.item())
-    if bad:
-        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise file_error(source, f"tensor {bad[0]} holds NaN or infinite values{when}{more}; refusing to convert")
 
 
 def _write(dst: Path, model, release, dtype, overwrite: bool, started_ns: int) -> None:
@@ -175,7 +143,7 @@ def _write(dst: Path, model, release, dtype, overwrite: bool, started_ns: int) -
     import mlx.core as mx
 
     from .checkpoint import TOKENIZER_FILE, voice_path
-    from .utils import VOICES_DIR, save_model
+    from .loading import VOICES_DIR, save_model
 
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from .errors import CheckpointError
 from .json_files import read_json
 
 CONFIG_FILE = "config.json"
-# What a converted model folder holds (utils.save_model writes these names, nothing else).
+# What a converted model folder holds (loading.save_model writes these names, nothing else).
 _OUR_FILES = re.compile(
     r"config\.json|tekken\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json"
 )

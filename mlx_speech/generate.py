@@ -20,9 +20,10 @@ import re
 import signal
 import sys
 import time
+import types
 from contextlib import contextmanager
 
-from .cli_checks import CONFIG_FILE, CLIError, Job, check_args, flag, local_model_folder, voice_names
+from .cli_checks import CLIError, Job, check_args, flag, local_model_folder, preset_names
 from .cli_progress import BestEffortStream, Progress
 from .options import (
     DEFAULT_CFG_ALPHA,
@@ -109,17 +110,24 @@ def _list_devices() -> int:
 
 
 def _list_voices(model: str) -> int:
-    from .voices import voice_info
+    """The model's presets, then the user's custom voices (marked), from file names alone."""
+    from .voices import user_voice_dir, user_voice_files, voice_info
 
     folder = local_model_folder(model)
-    if folder is None or not (folder / CONFIG_FILE).is_file():  # a release or Hub id: convert first
-        from .utils import resolve_model
+    if folder is None:  # a Hub id: fetch what the model needs (as loading it would)
+        from .model_source import get_model_path
 
-        folder = resolve_model(model, verbose=True)
+        folder = get_model_path(model)
+    presets = preset_names(folder)
+    if presets is None:
+        raise CLIError(f"--model {model}: {folder} holds no model (no config.json, nor the original release)")
     lines = [f"{'voice':<16} {'language':<20} gender"]
-    for name in voice_names(folder):
+    for name in presets:
         language, gender = voice_info(name)
         lines.append(f"{name:<16} {language:<20} {gender}")
+    for name in user_voice_files():
+        if name not in presets:
+            lines.append(f"{name:<16} {'custom':<20} (in {user_voice_dir()})")
     _print_lines(lines)
     return 0
 
@@ -176,7 +184,7 @@ def _interrupted(e: KeyboardInterrupt) -> str:
     return "interrupted" + (f" ({signal.Signals(signum).name})" if signum else "")
 
 
-def speak(model, job: Job, args, progress: Progress) -> int:
+def speak(model, job: Job, args, progress: Progress, voice) -> int:
     """Generate, writing and/or playing as the chunks come; the summary at the end."""
     from .audio_io import AudioFileWriter
     from .longform import stream_generate_long
@@ -188,7 +196,7 @@ def speak(model, job: Job, args, progress: Progress) -> int:
     try:
         if job.output is not None:
             writer = AudioFileWriter(job.output, model.config.sample_rate)
-        for last in stream_generate_long(model, job.text, args.voice, seed=args.seed, max_chars=args.max_chars,
+        for last in stream_generate_long(model, job.text, voice, seed=args.seed, max_chars=args.max_chars,
                                          max_frames=args.max_frames, cfg_alpha=args.cfg_alpha,
                                          flow_steps=args.flow_steps):
             if writer is not None:
@@ -248,11 +256,15 @@ def run(args, progress: Progress) -> int:
     from . import load
 
     t0 = time.perf_counter()
-    model = load(args.model, verbose=not args.quiet)
-    if args.voice not in model.voices:
-        raise CLIError(f"--voice: unknown voice {args.voice!r}; choose one of: {', '.join(model.voices)}")
-    progress.info(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s; speaking with voice {args.voice}")
-    return speak(model, job, args, progress)
+    model = load(args.model)
+    from .voice_select import select_voice
+
+    try:  # once: a voice file is read and checked before any audio is made
+        voice = select_voice(model, args.voice)
+    except ValueError as e:  # an unknown name, or a voice file the checks refuse
+        raise CLIError(f"--voice: {e}") from None
+    progress.info(f"loaded {model.source} in {time.perf_counter() - t0:.1f} s; speaking with voice {voice.name}")
+    return speak(model, job, args, progress, voice)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,6 +299,23 @@ def main(argv: list[str] | None = None) -> None:
                 setattr(sys, name, original)
     raise SystemExit(code)
 
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as the library's ``generate``.
+
+    Importing ``mlx_speech.generate`` (this command) sets the package attribute of that name to
+    the module, hiding the function ``mlx_speech.generate`` (from ``generation``) for the rest
+    of the process. Calling the module forwards to the function, so ``mlx_speech.generate(model,
+    text)`` works whichever the attribute holds, and MLX is still only imported on that call.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from .generation import generate
+
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     main()

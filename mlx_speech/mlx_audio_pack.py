@@ -26,8 +26,6 @@ one-line description for the load log.
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,25 +35,28 @@ import mlx.nn as nn
 from .backbone import backbone_key
 from .checkpoint import expected_tensors, read_safetensors_header
 from .codec import sanitize_codec
+from .config import QUANT_BITS, QUANT_GROUP_SIZES, VOICE_NAME
 from .errors import CheckpointError, file_error, quoted
+from .json_files import MAX_CONFIG_BYTES, read_json
 from .model import FLOAT32_KEYS, ModelConfig, in_quant_recipe
+from .model_layout import (
+    CONFIG_FILE,
+    DOWNLOAD_PATTERNS,
+    INDEX_FILE,
+    MLX_AUDIO,
+    RELEASE_VOICES_DIR,
+    config_layout,
+    detect_layout,
+)
 from .pt_reader import read_pt_tensor
 from .voice_file import MAX_VOICE_FILE_BYTES, check_voice_embedding, read_voice_file
 
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tekken.json"
-VOICES_DIR = "voice_embedding"
+VOICES_DIR = RELEASE_VOICES_DIR
 # What to download from the Hub for a pack (and nothing else: mlx-audio's converter also copies
 # the release's params.json, and may copy its 8 GB consolidated.safetensors, beside the weights).
-PACK_PATTERNS = (CONFIG_FILE, "model*.safetensors", INDEX_FILE, TOKENIZER_FILE,
-                 f"{VOICES_DIR}/*.safetensors", f"{VOICES_DIR}/*.pt")
+PACK_PATTERNS = DOWNLOAD_PATTERNS[MLX_AUDIO]
 
-MAX_CONFIG_BYTES = 1 << 20  # the real config.json is about 3.5 kB
 MAX_VOICES = 256
-QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports in affine mode
-QUANT_GROUP_SIZES = (32, 64, 128)
-_VOICE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 _FLOAT_DTYPES = {"BF16", "F16", "F32"}
 
 # mlx-audio's module names → ours (the flow head and the codec keep the release's names in both).
@@ -71,7 +72,7 @@ class MlxAudioPack(NamedTuple):
 
     ``weights`` are in our parameter names; the layers with ``.scales`` are exactly those that
     ``nn.quantize(model, group_size, bits, class_predicate=lambda p, m:
-    model.quant_predicate(p, m) and f"{p}.scales" in weights)`` quantizes, as ``utils.load``
+    model.quant_predicate(p, m) and f"{p}.scales" in weights)`` quantizes, as ``loading.load``
     does. ``quantization`` is ``config.quantization`` ({bits, group_size, acoustic} or None).
     """
 
@@ -83,35 +84,14 @@ class MlxAudioPack(NamedTuple):
 
 
 def _read_config(path: Path) -> dict:
-    """config.json as a dict, bounded in size; CheckpointError naming the file otherwise."""
-    f = path / CONFIG_FILE
-    size = f.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise file_error(f, f"is {size} bytes; a model config is at most {MAX_CONFIG_BYTES}")
-    try:
-        raw = json.loads(f.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise file_error(f, f"is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise file_error(f, f"holds a JSON {type(raw).__name__}, expected an object")
-    return raw
+    """config.json as a dict (bounded, regular file, valid JSON); CheckpointError naming it."""
+    return read_json(path / CONFIG_FILE)
 
 
 def is_mlx_audio_config(path: str | Path) -> bool:
-    """Whether ``path``/config.json has the release's params.json shape, as mlx-audio's packs do.
-
-    Ours has ``backbone``/``acoustic``/``codec`` sections instead of ``multimodal``. Enough to
-    choose what to download (``PACK_PATTERNS``) after fetching config.json alone. An unreadable
-    config is not a pack's: the caller's own loader then reports what is wrong with it.
-    """
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        return False
-    try:
-        raw = _read_config(path)
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw.get("multimodal"), dict) and "backbone" not in raw
+    """Whether ``path``/config.json has the release's params.json shape, as mlx-audio's packs do
+    (``model_layout.config_layout``): enough to choose what to download after fetching it alone."""
+    return config_layout(path) == MLX_AUDIO
 
 
 def is_mlx_audio_pack(path: str | Path) -> bool:
@@ -119,9 +99,7 @@ def is_mlx_audio_pack(path: str | Path) -> bool:
 
     A release folder someone gave a config.json (to feed mlx-audio's converter) is not a pack.
     """
-    path = Path(path)
-    has_weights = (path / INDEX_FILE).is_file() or any(path.glob("model*.safetensors"))
-    return has_weights and is_mlx_audio_config(path)
+    return detect_layout(path) == MLX_AUDIO
 
 
 def _model_config(raw: dict, source: Path) -> ModelConfig:
@@ -187,13 +165,10 @@ def _weight_files(path: Path) -> tuple[list[Path], Path]:
         if not files:
             raise file_error(path, "holds no model*.safetensors weights")
         return files, files[0] if len(files) == 1 else path
-    if index.stat().st_size > 16 * MAX_CONFIG_BYTES:
-        raise file_error(index, "is too large for a weight index")
-    try:
-        weight_map = json.loads(index.read_bytes())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise file_error(index, f"is not a safetensors index with a weight_map ({type(e).__name__})") from None
+    weight_map = read_json(index, 16 * MAX_CONFIG_BYTES).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise file_error(index, "is not a safetensors index with a weight_map")
+    names = sorted(set(weight_map.values()), key=str)
     for name in names:
         if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors"):
             raise file_error(index, f"weight_map names {quoted(name)}, not a .safetensors file beside it")
@@ -299,7 +274,7 @@ def _read_voices(path: Path, dim: int, voice_rows: dict[str, int] | None) -> dic
         name = f.stem
         if name in voices:
             continue  # the .safetensors of this voice was read already
-        if not _VOICE_NAME.fullmatch(name):
+        if not VOICE_NAME.fullmatch(name):
             raise file_error(f, "is not a valid voice name (1 to 64 letters, digits or '_')")
         if len(voices) == MAX_VOICES:
             raise file_error(folder, f"holds more than {MAX_VOICES} voices")
@@ -340,7 +315,7 @@ def read_mlx_audio_pack(path: str | Path, voice_rows: dict[str, int] | None = No
             to check the voice files against; None checks only their width.
 
     Returns:
-        ``MlxAudioPack``: build ``Model(pack.config)``, quantize as ``utils.load`` does when
+        ``MlxAudioPack``: build ``Model(pack.config)``, quantize as ``loading.load`` does when
         ``pack.quantization`` is set, then ``load_weights(list(pack.weights.items()), strict=True)``.
 
     Raises:

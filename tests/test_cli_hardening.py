@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -228,7 +227,8 @@ def test_missing_model_folder_and_unknown_voice_are_named_before_loading(tiny_ml
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 2 and not MLX_IMPORT.search(r.stderr)
     assert error_lines(r.stderr) == [
-        "error: --voice: unknown voice 'robot'; choose one of: casual_male, neutral_female"]
+        "error: --voice: unknown voice 'robot'; choose one of: casual_male, neutral_female, "
+        "or give a voice file (.safetensors)"]
     assert not (REPO / "x.wav").exists()
 
 
@@ -238,12 +238,6 @@ def test_list_voices_of_an_mlx_folder_needs_no_mlx(tiny_mlx):
     assert r.returncode == 0 and not MLX_IMPORT.search(r.stderr)
     names = [line.split()[0] for line in r.stdout.splitlines()[1:]]
     assert names == sorted(p.stem for p in (tiny_mlx / "voices").glob("*.safetensors"))
-
-
-def test_layout_names_match_the_loader():
-    from mlx_speech import cli_checks, utils
-
-    assert (cli_checks.CONFIG_FILE, cli_checks.VOICES_DIR) == (utils.CONFIG_FILE, utils.VOICES_DIR)
 
 
 def test_list_voices_into_a_closed_pipe_exits_quietly(tiny_mlx):

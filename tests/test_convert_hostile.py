@@ -517,7 +517,7 @@ def test_overwrite_replaces_an_empty_folder(tmp_path):
 def test_swap_refuses_a_folder_that_appeared_meanwhile(tmp_path, monkeypatch):
     """The final swap re-checks: a folder that appears during the conversion is never replaced
     without --overwrite, and with it only if it is ours."""
-    import mlx_speech.utils as utils
+    import mlx_speech.loading as utils
 
     src = release_copy(tmp_path)
     out = tmp_path / "out"
@@ -540,7 +540,7 @@ def test_swap_refuses_a_folder_that_appeared_meanwhile(tmp_path, monkeypatch):
 def test_swap_replaces_a_model_that_appeared_meanwhile_only_with_overwrite(tmp_path, monkeypatch):
     import shutil
 
-    import mlx_speech.utils as utils
+    import mlx_speech.loading as utils
 
     src = release_copy(tmp_path)
     first = convert(hf_path=str(src), mlx_path=str(tmp_path / "first"), dtype="bfloat16", verbose=False)
@@ -583,22 +583,6 @@ def test_two_concurrent_conversions_of_the_same_target(tmp_path, overwrite):
     assert load(out).voices == ["casual_male", "neutral_female"]
 
 
-def test_two_processes_auto_converting_into_the_cache(tmp_path):
-    """Both load the release; one converts, the other waits and uses the finished folder."""
-    src = release_copy(tmp_path)
-    cache = tmp_path / "cache"
-    code = ("import sys; from mlx_speech.utils import resolve_model; "
-            f"print(resolve_model({str(src)!r}))")
-    env = {**os.environ, "MLX_SPEECH_CACHE": str(cache)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
-    results = [(p.wait(timeout=120), p.stdout.read().strip(), p.stderr.read()) for p in procs]
-    assert [rc for rc, _, _ in results] == [0, 0], results
-    assert results[0][1] == results[1][1]
-    converted = cache / "converted"
-    assert [p.name for p in converted.iterdir() if not p.name.endswith(".lock")] == [Path(results[0][1]).name]
-
-
 def test_converted_folder_respects_the_umask(tmp_path):
     src = release_copy(tmp_path)
     old = os.umask(0o022)
@@ -623,7 +607,7 @@ def test_converted_folder_respects_the_umask(tmp_path):
 # folder) until it is signalled: the real converter, with save_model wrapped to say where it is.
 _PAUSED = """
 import sys, time
-import mlx_speech.utils as utils
+import mlx_speech.loading as utils
 save = utils.save_model
 def paused(path, model):
     save(path, model)
@@ -705,7 +689,7 @@ def test_first_run_offline_names_the_repo_the_size_and_the_flag(tmp_path):
     assert "mistralai/Voxtral-4B-TTS-2603" in line and "8 GB" in line and "--model" in line
     assert "HF_HUB_OFFLINE" in line
     # An id that looks like a Hub repo but is neither a folder here nor reachable: both said.
-    code = ("from mlx_speech.utils import get_model_path\n"
+    code = ("from mlx_speech.model_source import get_model_path\n"
             "try:\n    get_model_path('models/voxtral')\nexcept FileNotFoundError as e:\n    print(e)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, **env}, timeout=120, cwd=tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import mlx.core as mx
 import numpy as np
@@ -91,21 +90,28 @@ def test_request_errors_name_the_value(model):
         generate(model, TEXT, VOICE, noise=mx.zeros((3, 36)), max_frames=5)
 
 
-def test_load_converts_an_original_release_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_SPEECH_CACHE", str(tmp_path))
-    model = load(TINY)
-    # One converted folder (hidden entries, such as a conversion lock file, aside).
-    converted = [p for p in (tmp_path / "converted").iterdir() if not p.name.startswith(".")]
-    assert len(converted) == 1 and (converted[0] / "config.json").is_file()
-    stamp = os.stat(converted[0] / "model.safetensors").st_mtime_ns
-    again = load(TINY)
-    assert os.stat(converted[0] / "model.safetensors").st_mtime_ns == stamp  # reused, not redone
-    assert again.voices == model.voices == ["casual_male", "neutral_female"]
-    assert model.tokenizer.encode_speech("Hello.", VOICE)[:2] == [1, 25]
+def test_load_reads_an_original_release_directly_and_writes_nothing(tmp_path, monkeypatch, tiny_mlx):
+    """One copy on disk: the release itself is read; every parameter and voice equals our
+    conversion of it (same dtype), and nothing is written anywhere."""
+    from mlx.utils import tree_flatten
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # any cache under ~ would show up here
+    direct = load(TINY, dtype="float32")
+    assert list(tmp_path.iterdir()) == []
+    assert direct.source == "original release tiny-voxtral (read directly, float32)"
+    converted = load(tiny_mlx)
+    a, b = dict(tree_flatten(direct.parameters())), dict(tree_flatten(converted.parameters()))
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item(), k
+    assert direct.voices == converted.voices == ["casual_male", "neutral_female"]
+    for v in direct.voices:
+        assert mx.array_equal(direct.voice(v), converted.voice(v)).item()
+    assert load(TINY).backbone.norm.weight.dtype == mx.bfloat16  # the default dtype
 
 
 def test_load_rejects_a_folder_without_a_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an MLX model"):
+    with pytest.raises(FileNotFoundError, match="holds no model: neither an MLX model"):
         load(tmp_path)
 
 

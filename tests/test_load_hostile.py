@@ -266,11 +266,9 @@ def test_good_folder_still_loads_with_checked_voices(tiny_mlx, tmp_path):
     assert np.array_equal(np.array(m.voice("casual_male")), np.array(ref))
 
 
-# ---- S1 through load's auto-conversion -------------------------------------------------------------
+# ---- S1 through load's direct reading of a release ------------------------------------------------
 
-def test_auto_conversion_refuses_traversal_names_and_writes_nothing(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MLX_SPEECH_CACHE", str(cache))
+def test_loading_a_release_refuses_traversal_names_and_writes_nothing(tmp_path):
     src = release_copy(tmp_path)
 
     def edit(t):
@@ -279,21 +277,9 @@ def test_auto_conversion_refuses_traversal_names_and_writes_nothing(tmp_path, mo
 
     edit_json(src / "tekken.json", edit)
     (tmp_path / "ESCAPED.pt").write_bytes((src / "voice_embedding" / "casual_male.pt").read_bytes())
-    before = [p for p in listing(tmp_path) if not p.startswith("cache")]
+    before = listing(tmp_path)
     _refused(src, r"is not a valid voice name")
-    assert [p for p in listing(tmp_path) if not p.startswith("cache")] == before
-    converted = cache / "converted"
-    assert not converted.exists() or all(p.name.endswith(".lock") for p in converted.iterdir())
-
-
-def test_auto_conversion_then_reuse(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_SPEECH_CACHE", str(tmp_path / "cache"))
-    src = release_copy(tmp_path)
-    first = load(src)
-    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
-    second = load(src)
-    assert first.voices == second.voices
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()} == stamp
+    assert listing(tmp_path) == before
 
 
 def test_checked_load_gives_exactly_the_files_tensors(tiny_mlx, tmp_path):
@@ -312,7 +298,7 @@ def test_checked_load_gives_exactly_the_files_tensors(tiny_mlx, tmp_path):
 def test_exponent_bit_finiteness_test_agrees_with_numpy_on_every_bit_pattern(dtype):
     """all_finite (the fast check load uses) against np.isfinite: every 16-bit pattern, and for
     float32 every exponent with random mantissas and signs."""
-    from mlx_speech.utils import all_finite
+    from mlx_speech.finite import all_finite
 
     rng = np.random.default_rng(0)
     if dtype == "float32":

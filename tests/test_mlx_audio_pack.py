@@ -37,8 +37,7 @@ from mlx_speech.mlx_audio_pack import (
     split_quantized,
 )
 from mlx_speech.model import Model, ModelConfig
-from mlx_speech.tokenizer import Tokenizer
-from mlx_speech.utils import load
+from mlx_speech.loading import load
 
 REAL_PARAMS = Path(__file__).parent / "data" / "params_real.json"
 TEXT = "Hello there."
@@ -86,19 +85,9 @@ def packs(release, tmp_path_factory) -> dict[str, Path]:
 
 
 def load_pack(folder: Path) -> Model:
-    """What utils.load does, with read_mlx_audio_pack in place of reading our config.json."""
-    tokenizer = Tokenizer.from_file(folder / "tekken.json")
-    pack = read_mlx_audio_pack(folder, voice_rows=tokenizer.voice_num_audio_tokens)
-    model = Model(pack.config)
-    if pack.quantization:
-        q = pack.quantization
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
-                    class_predicate=lambda p, m: model.quant_predicate(p, m) and f"{p}.scales" in pack.weights)
-    model.load_weights(list(pack.weights.items()), strict=True)
-    mx.eval(model.parameters())
-    model.eval()
-    model.tokenizer = tokenizer
-    model.set_voices(pack.voices)
+    """The pack read by our own ``load`` (its layout told from the folder alone)."""
+    model = load(folder)
+    assert model.source.startswith("mlx-audio Voxtral pack"), model.source
     return model
 
 
