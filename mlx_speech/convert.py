@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import folder_swap
 from .config import QUANT_BITS, QUANT_GROUP_SIZES
+from .commands import add_version
 from .signals import exit_status, graceful_signals
 
 DEFAULT_HF_PATH = "mistralai/Voxtral-4B-TTS-2603"
@@ -171,7 +172,9 @@ def _write(dst: Path, model, release, dtype, overwrite: bool, started_ns: int) -
 
 
 def configure_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert Voxtral-4B-TTS-2603 to an MLX model folder.")
+    p = argparse.ArgumentParser(prog="python -m mlx_speech.convert",
+                                description="Convert Voxtral-4B-TTS-2603 to an MLX model folder.")
+    add_version(p)
     p.add_argument("--hf-path", "--model", default=DEFAULT_HF_PATH,
                    help=f"Hub repo id or local folder of the original release (default: {DEFAULT_HF_PATH})")
     p.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help=f"output folder (default: {DEFAULT_MLX_PATH})")

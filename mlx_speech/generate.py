@@ -33,6 +33,7 @@ from .options import (
     DEFAULT_MAX_FRAMES,
     DEFAULT_VOICE,
 )
+from .commands import add_version
 from .signals import STOP_SIGNALS, exit_status, graceful_signals
 
 DEFAULT_MODEL = "mistralai/Voxtral-4B-TTS-2603"
@@ -54,6 +55,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_speech.generate",
         description="Speak text with Voxtral-4B-TTS in MLX. With neither --output nor --play, plays.",
     )
+    add_version(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="text to speak (default: read --file, else standard input)")
     src.add_argument("--file", help="UTF-8 text file to speak")

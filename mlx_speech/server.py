@@ -40,6 +40,7 @@ except ImportError as e:  # one hint, where the optional dependency is used
     raise ImportError(f"{e}; the server needs the 'server' extra: pip install 'mlx-speech[server]'") from None
 
 from .server_guard import WILDCARD_HOSTS, HostPolicy, LocalOnly, error_response, timed_h11
+from .commands import add_version
 from .signals import exit_status, graceful_signals
 from .speech_request import DEFAULT_MAX_CHARS, RequestError, parse_speech_request
 from .speech_response import JobResponse
@@ -177,6 +178,7 @@ def _seconds(text: str) -> float:
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_speech.server",
                                 description="OpenAI-compatible speech server for Voxtral-4B-TTS in MLX.")
+    add_version(p)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"MLX model folder, original release folder, or Hub repo id (default: {DEFAULT_MODEL})")
     p.add_argument("--voices", metavar="DIR", default=None,
