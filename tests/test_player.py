@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_speech import player as player_module
-from mlx_speech.player import AudioPlayer, PlayerError, Resampler, check_output_device, list_output_devices
+from mlx_speech.player import AudioPlayer, PlayerError, check_output_device, list_output_devices
+from mlx_speech.resampler import Resampler
 
 SR = 24000
 
