@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .config import MAX_VOICES, check_voice_name
 from .errors import CheckpointError, file_error, quoted
-from .json_files import (
+from .untrusted_files import (
     MAX_TOKENIZER_BYTES,
     inside,
     open_regular_file,

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .errors import CheckpointError
-from .json_files import read_json
+from .untrusted_files import read_json
 
 CONFIG_FILE = "config.json"
 # What a converted model folder holds (loading.save_model writes these names, nothing else).

@@ -28,7 +28,7 @@ from .checkpoint import (
 )
 from .config import MAX_VOICES
 from .errors import CheckpointError, file_error, quoted
-from .json_files import read_json, source_roots
+from .untrusted_files import read_json, source_roots
 from .model_layout import MLX_AUDIO, RELEASE, detect_layout
 from .model_source import ModelNotFoundError, get_model_path
 

@@ -37,7 +37,7 @@ from .checkpoint import expected_tensors, read_safetensors_header
 from .codec import sanitize_codec
 from .config import QUANT_BITS, QUANT_GROUP_SIZES, VOICE_NAME
 from .errors import CheckpointError, file_error, quoted
-from .json_files import MAX_CONFIG_BYTES, read_json
+from .untrusted_files import MAX_CONFIG_BYTES, read_json
 from .model import FLOAT32_KEYS, ModelConfig, in_quant_recipe
 from .model_layout import (
     CONFIG_FILE,

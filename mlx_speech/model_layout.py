@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from .errors import CheckpointError
-from .json_files import read_json
+from .untrusted_files import read_json
 
 MLX_SPEECH = "mlx-speech folder"
 MLX_AUDIO = "mlx-audio pack"

@@ -27,7 +27,6 @@ import math
 import os
 import pickle
 import re
-import stat
 import struct
 import zipfile
 import zlib
@@ -38,6 +37,7 @@ import numpy as np
 
 from .errors import CheckpointError, quoted
 from .pickle_scan import BadPickle, RefusedPickle, check_tensor_pickle
+from .untrusted_files import open_regular_file
 
 # Default ceiling on the tensor's bytes when the caller does not know them; a real voice is
 # <= 1.4 MB, and the converter passes the exact size (rows x dim x 2).
@@ -264,33 +264,15 @@ def read_pt_tensor(path: str | os.PathLike, max_bytes: int | None = None) -> mx.
                                f"{quoted(str(e))})") from e
 
 
-_FILE_KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
-               stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
-
-
 def _open_regular_file(path: str):
-    # Refuse anything but a regular file before opening it: opening a FIFO would wait for a
-    # writer forever. The open is non-blocking and checked again with fstat, in case the path
-    # changed in between; O_NONBLOCK has no effect on reading a regular file.
+    """``untrusted_files.open_regular_file`` (never blocks on a FIFO; refuses anything but a
+    regular file), its refusals as ``PtFormatError``; a missing file stays FileNotFoundError."""
     try:
-        _check_regular(path, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, "No such tensor file", path) from None
-    except OSError as e:
-        raise _error(path, f"cannot be opened ({e.strerror or type(e).__name__})") from e
-    try:
-        _check_regular(path, os.fstat(fd).st_mode)
-    except PtFormatError:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
-
-
-def _check_regular(path: str, mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _FILE_KINDS.items() if test(mode)), "a special file")
-        raise _error(path, f"is {kind}, not a regular file")
+        return open_regular_file(path)
+    except CheckpointError as e:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(errno.ENOENT, "No such tensor file", path) from None
+        raise PtFormatError(str(e)) from None
 
 
 class _DirectoryBudget:

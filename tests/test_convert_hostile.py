@@ -396,7 +396,7 @@ def test_fifo_in_place_of_a_json_file_does_not_block(tmp_path):
         os.mkfifo(src / name)
     r = run_convert("--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), timeout=60)
     assert r.returncode == 1
-    assert "params.json: is not a regular file" in r.stderr
+    assert "params.json: is a FIFO, not a regular file" in r.stderr
 
 
 def test_json_linked_to_proc_environ_is_refused_without_its_content(tmp_path, monkeypatch):

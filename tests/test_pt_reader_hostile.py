@@ -390,7 +390,7 @@ def test_long_untrusted_strings_are_cut_in_messages(tmp_path):
 
 def test_directory_and_devices_are_not_regular_files(tmp_path):
     (tmp_path / "x.pt").mkdir()
-    assert "is a directory, not a regular file" in _refusal(tmp_path / "x.pt")
+    assert "is a folder, expected a file" in _refusal(tmp_path / "x.pt")
     if os.path.exists("/dev/zero"):
         assert "is a character device, not a regular file" in _refusal("/dev/zero")
 

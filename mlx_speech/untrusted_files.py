@@ -1,4 +1,4 @@
-"""Reading untrusted model files: regular files only, bounded sizes, JSON errors that name the file.
+"""Reading untrusted files: regular files only, bounded sizes, JSON errors that name the file.
 
 A model folder or release holds three JSON files (``params.json``, ``tekken.json``,
 ``config.json``) and safetensors files whose header is JSON. Each may be damaged or hostile:
@@ -22,15 +22,19 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_TOKENIZER_BYTES = 64 << 20
 
 
+_FILE_KINDS = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+               stat.S_ISBLK: "a block device"}
+
+
 def open_regular_file(path: str | os.PathLike) -> io.BufferedReader:
     """Open ``path`` for reading, refusing anything but a regular file, without ever blocking.
 
     ``O_NONBLOCK`` makes opening a FIFO return at once (a plain open waits for a writer); the
     ``fstat`` of the opened descriptor then refuses it, a device or a directory, so no check
-    races with the open.
+    races with the open. Every refusal is a ``CheckpointError`` naming the file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise file_error(path, "file does not exist") from None
     except IsADirectoryError:
@@ -40,8 +44,10 @@ def open_regular_file(path: str | os.PathLike) -> io.BufferedReader:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-            raise file_error(path, f"is {kind}, expected a file")
+            if stat.S_ISDIR(mode):
+                raise file_error(path, "is a folder, expected a file")
+            kind = next((name for test, name in _FILE_KINDS.items() if test(mode)), "a special file")
+            raise file_error(path, f"is {kind}, not a regular file")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
