@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    "batch_generate": "batch_generation",
+    "stream_batch_generate": "batch_generation",
     "GenerationResponse": "generation",
     "GenerationResult": "generation",
     "generate": "generation",

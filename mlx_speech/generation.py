@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .acoustic import END_AUDIO
 from .model import Model
 from .voice_file import Voice
-from .voice_select import SelectedVoice, select_voice
+from .voice_select import SelectedVoice
 from .options import (  # noqa: F401  (re-exported: the defaults' historical home)
     DEFAULT_CFG_ALPHA,
     DEFAULT_CHUNK_FRAMES,
@@ -87,6 +89,190 @@ class GenerationResult:
     frame_cap: int | None = None
 
 
+class Frame(NamedTuple):
+    """One row's result of a ``FrameDecoder.step``.
+
+    Attributes:
+        key: the row's key (given to ``FrameDecoder.add``).
+        codes: (37,) int32 codes with the +2 offset; None on the [END_AUDIO] frame, which is
+            neither kept nor decoded.
+        finish_reason: None while the row goes on; "stop" on its END frame, "length" on the
+            frame that reaches its frame cap. Either way the row has left the decoder.
+    """
+
+    key: Hashable
+    codes: mx.array | None
+    finish_reason: str | None
+
+
+def check_noise(noise: mx.array | None, frames: int, n_acoustic: int) -> None:
+    """Refuse explicit noise that cannot give x₀ for ``frames`` frames."""
+    if noise is not None and (noise.ndim != 2 or noise.shape[0] < frames or noise.shape[1] != n_acoustic):
+        raise ValueError(
+            f"noise must have shape (>= max_frames={frames}, {n_acoustic}); got {tuple(noise.shape)}"
+        )
+
+
+class _Row:
+    """A decoding row: its frame count and cap, and its own noise source."""
+
+    __slots__ = ("key", "frame_cap", "frames", "noise", "rng")
+
+    def __init__(self, key, frame_cap: int, seed: int | None, noise: mx.array | None):
+        self.key, self.frame_cap, self.frames, self.noise = key, frame_cap, 0, noise
+        self.rng = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
+
+    def next_x0(self, n_acoustic: int) -> mx.array:
+        """x₀ (1, 36) of this row's next frame: its noise row, or a draw from its own key split."""
+        if self.noise is not None:
+            return self.noise[self.frames : self.frames + 1]
+        self.rng, sub = mx.random.split(self.rng)
+        return mx.random.normal((1, n_acoustic), key=sub)
+
+
+class FrameDecoder:
+    """The decode loop with explicit state: prefilled rows in (``add``), one frame for every row
+    per ``step``, rows out (at their END frame, their frame cap, or ``remove``).
+
+    One utterance is a batch of one: ``generate_step`` and every streaming entry point drive this
+    loop, so there is no second decode loop beside it. Each row keeps everything that makes its
+    output its own: its noise (the same key splits as a lone ``generate_step``, or explicit rows),
+    its frame cap, its KV history. All rows share one backbone step, one compiled flow-matching
+    solve (both CFG branches of every row in one graph) and one host sync per frame.
+
+    KV state: a lone row keeps its per-layer ``KVCache`` untouched, so a single stream runs
+    exactly the graph it always did (no mask, integer RoPE offset). When rows are batched they
+    are merged into mlx-lm's ``BatchKVCache`` (left padding, a per-row RoPE offset, and the mask
+    that hides each row's padding): new rows are merged together (``BatchKVCache.merge``) and
+    joined to the running batch (``extend``) at the next frame boundary, finished rows leave with
+    ``filter``; nobody is prefilled again. On MLX's CPU backend every row's hidden states, codes
+    and audio are bit-identical to its solo run (tests/test_batch.py).
+
+    Why this and not a loop beside ``generate_step``: measured single-stream per-frame time is
+    the same as the loop it replaced (tests and ``benchmarks/bench_batch.py --single``), since
+    a batch of one is that loop; the batch bookkeeping is host-side list work per frame.
+    """
+
+    def __init__(self, model: Model, *, cfg_alpha: float = DEFAULT_CFG_ALPHA,
+                 flow_steps: int = DEFAULT_FLOW_STEPS):
+        check_options(cfg_alpha=cfg_alpha, flow_steps=flow_steps)
+        self.model = model
+        self.cfg_alpha, self.flow_steps = cfg_alpha, flow_steps
+        self._rows: list[_Row] = []  # in batch order: row i is index i of the cache and hidden
+        self._joining: list[tuple[_Row, list, mx.array]] = []
+        self._cache: list | None = None  # per layer: KVCache (one row) or BatchKVCache
+        self._hidden: mx.array | None = None  # (B, dim): the state each row's next frame comes from
+
+    def __len__(self) -> int:
+        return len(self._rows) + len(self._joining)
+
+    @property
+    def keys(self) -> list:
+        """Keys of the rows in the decoder (running, then joining)."""
+        return [r.key for r in self._rows] + [r.key for r, _, _ in self._joining]
+
+    def add(self, key: Hashable, cache: list, hidden: mx.array, *, frame_cap: int,
+            seed: int | None = None, noise: mx.array | None = None) -> None:
+        """A prefilled row joins at the next ``step``.
+
+        Args:
+            key: the row's name in ``Frame.key`` (unique among the rows in the decoder).
+            cache: its backbone KV cache (per-layer ``KVCache``) holding its whole prompt.
+            hidden: (1, dim) the prompt's last hidden state (``prefill``'s result): frame 0
+                comes straight from it.
+            frame_cap: the most frames it may take.
+            seed: seeds its noise exactly as ``generate_step`` does (None: random).
+            noise: (≥ frame_cap, 36) explicit x₀ rows, one per frame (replaces the seed).
+        """
+        check_options(max_frames=frame_cap, seed=seed)
+        check_noise(noise, frame_cap, self.model.config.acoustic.n_acoustic_codebook)
+        if key in self.keys:
+            raise ValueError(f"a row with key {key!r} is already in the decoder")
+        if hidden.ndim != 2 or hidden.shape[0] != 1:
+            raise ValueError(f"hidden must be one row (1, dim); got {tuple(hidden.shape)}")
+        self._joining.append((_Row(key, frame_cap, seed, noise), cache, hidden))
+
+    def remove(self, key: Hashable) -> bool:
+        """Take a row out (a cancelled request); the others go on unchanged. False if absent."""
+        for i, (row, _, _) in enumerate(self._joining):
+            if row.key == key:
+                del self._joining[i]
+                return True
+        for i, row in enumerate(self._rows):
+            if row.key == key:
+                self._keep([j for j in range(len(self._rows)) if j != i])
+                del self._rows[i]
+                return True
+        return False
+
+    def _keep(self, positions: list[int]) -> None:
+        """Keep only these batch positions of the KV cache and hidden states."""
+        if not positions:
+            self._cache = self._hidden = None
+        elif len(positions) < self._hidden.shape[0]:
+            for c in self._cache:
+                c.filter(positions)  # a BatchKVCache: a lone KVCache row is never filtered
+            self._hidden = self._hidden[mx.array(positions)]
+
+    def _admit(self) -> None:
+        """Merge the joining rows into the running batch (at a frame boundary)."""
+        if not self._joining:
+            return
+        rows, caches, hidden = zip(*self._joining)
+        self._joining = []
+        if self._cache is None and len(rows) == 1:
+            self._cache, self._hidden = caches[0], hidden[0]  # a lone row keeps its own cache
+        else:
+            lone = self._cache is not None and isinstance(self._cache[0], KVCache)
+            if lone:  # the running row leaves its KVCache for the batch layout, merged with the rest
+                caches = (self._cache, *caches)
+            merged = [BatchKVCache.merge(list(layer)) for layer in zip(*caches)]
+            if self._cache is None or lone:
+                self._cache = merged
+            else:
+                for running, new in zip(self._cache, merged):
+                    running.extend(new)
+            self._hidden = mx.concatenate([self._hidden, *hidden] if self._hidden is not None else hidden)
+        self._rows += rows
+
+    def step(self) -> list[Frame]:
+        """One frame for every row, in batch order (joining rows are admitted first).
+
+        The next backbone step is queued before the END check and before the frames are handed
+        out, so it runs while the host checks, decodes or plays; a row ending at this frame
+        drops its part of it with the cache. Rows whose next frame would pass their cap are
+        left out of that step.
+        """
+        self._admit()
+        rows = self._rows
+        if not rows:
+            return []
+        n_acoustic = self.model.config.acoustic.n_acoustic_codebook
+        x0 = mx.concatenate([r.next_x0(n_acoustic) for r in rows]) if len(rows) > 1 else rows[0].next_x0(n_acoustic)
+        codes = self.model.acoustic_transformer(self._hidden, x0, self.flow_steps, self.cfg_alpha)  # (B, 37)
+        going_on = [i for i, r in enumerate(rows) if r.frames + 1 < r.frame_cap]
+        self._keep(going_on)
+        if going_on:
+            fed = codes if len(going_on) == len(rows) else codes[mx.array(going_on)]
+            self._hidden = self.model(self.model.audio_code_embeddings(fed)[:, None], self._cache)[:, -1]
+            mx.async_eval(self._hidden)
+        semantic = np.array(codes[:, 0])  # the one host sync per frame
+        frames, survivors = [], []
+        for i, row in enumerate(rows):
+            if int(semantic[i]) == END_AUDIO:
+                frames.append(Frame(row.key, None, "stop"))
+                continue
+            row.frames += 1
+            capped = row.frames >= row.frame_cap
+            frames.append(Frame(row.key, codes[i], "length" if capped else None))
+            if not capped:
+                survivors.append(i)
+        if len(survivors) < len(going_on):
+            self._keep([going_on.index(i) for i in survivors])
+        self._rows = [rows[i] for i in survivors]
+        return frames
+
+
 def generate_step(
     model: Model,
     prompt_embeddings: mx.array,
@@ -101,6 +287,8 @@ def generate_step(
     cancel=None,
 ) -> Iterator[mx.array]:
     """Yield the codes (37,) of each frame until [END_AUDIO], ``max_frames`` or ``cancel``.
+
+    A ``FrameDecoder`` with one row.
 
     Args:
         model: the loaded model.
@@ -122,12 +310,7 @@ def generate_step(
     """
     check_options(cfg_alpha=cfg_alpha, flow_steps=flow_steps, max_frames=max_frames, seed=seed,
                   prefill_step_size=prefill_step_size)
-    n_acoustic = model.config.acoustic.n_acoustic_codebook
-    if noise is not None and (noise.ndim != 2 or noise.shape[0] < max_frames or noise.shape[1] != n_acoustic):
-        raise ValueError(
-            f"noise must have shape (>= max_frames={max_frames}, {n_acoustic}); got {tuple(noise.shape)}"
-        )
-    key = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
+    check_noise(noise, max_frames, model.config.acoustic.n_acoustic_codebook)
     if cache is None:
         cache = model.make_cache()
     done = cache[0].offset
@@ -135,24 +318,15 @@ def generate_step(
         raise ValueError(f"the cache already holds {done} positions; the prompt has {prompt_embeddings.shape[0]}")
     # Frame 0 comes straight from the prefill's last hidden state (no extra [AUDIO] step, T1).
     h = prefill(model, prompt_embeddings[done:], cache, prefill_step_size, cancel)
-    for i in range(max_frames):
-        if h is None or cancelled(cancel):
+    if h is None:
+        return
+    decoder = FrameDecoder(model, cfg_alpha=cfg_alpha, flow_steps=flow_steps)
+    decoder.add(0, cache, h, frame_cap=max_frames, seed=seed, noise=noise)
+    while len(decoder) and not cancelled(cancel):
+        (frame,) = decoder.step()
+        if frame.codes is None:
             return
-        if noise is not None:
-            x0 = noise[i : i + 1]
-        else:
-            key, sub = mx.random.split(key)
-            x0 = mx.random.normal((1, n_acoustic), key=sub)
-        codes = model.acoustic_transformer(h, x0, flow_steps, cfg_alpha)  # (1, 37)
-        if i + 1 < max_frames:
-            # Queue the next backbone step before the END check and before handing the frame
-            # out, so it runs while the host checks, decodes or plays; after the END frame it
-            # is simply dropped with the cache.
-            h = model(model.audio_code_embeddings(codes)[:, None], cache)[:, -1]
-            mx.async_eval(h)
-        if codes[0, 0].item() == END_AUDIO:  # the one host sync per frame
-            return
-        yield codes[0]
+        yield frame.codes
 
 
 def text_tokens(model: Model, ids: list[int]) -> int:
@@ -240,55 +414,17 @@ def stream_generate(
         keeps its streaming state between chunks, so the concatenated chunks equal the
         one-shot decode of all frames.
     """
+    # The batch module builds on this one's types and decoder: imported here, not at the top.
+    from .batch_generation import prepare_row, stream_rows
+
     start = time.perf_counter()
-    voice = select_voice(model, voice)  # unknown voice → ValueError listing the valid ones
-    ids, limit = _check_request(model, text, voice, max_frames=max_frames, cfg_alpha=cfg_alpha,
-                                flow_steps=flow_steps, seed=seed, first_chunk_frames=first_chunk_frames,
-                                chunk_frames=chunk_frames, prefill_step_size=prefill_step_size)
-    if noise is not None and max_frames is None:
-        limit = min(limit, noise.shape[0])  # no frame can be made past the given noise
-    embeddings = model.prompt_embeddings(mx.array(ids), voice.rows)
-    cache = None
-    if use_voice_cache:
-        cache = model.voice_cache.prefill(model, voice.key, ids, embeddings, step_size=prefill_step_size,
-                                          cancel=cancel)[0]
-    codec_cache = model.audio_tokenizer.make_cache()
-    sr, spf = model.config.sample_rate, model.config.samples_per_frame
-    frames, pending = 0, []
-
-    def respond(finish_reason: str | None) -> GenerationResponse:
-        if pending:
-            codes = mx.stack(pending)
-            audio = model.audio_tokenizer.decode(codes[None], cache=codec_cache)[0]
-            mx.eval(audio, codec_cache.state)  # keep the streaming state from growing a graph
-            codes, audio = np.array(codes), np.array(audio)
-        else:
-            codes = np.zeros((0, model.config.n_codebooks), np.int32)
-            audio = np.zeros((0,), np.float32)
-        pending.clear()
-        elapsed = time.perf_counter() - start
-        seconds = frames * spf / sr
-        return GenerationResponse(
-            audio=audio, sample_rate=sr, codes=codes, frames=frames, audio_seconds=seconds,
-            elapsed=elapsed, real_time_factor=seconds / elapsed if elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason, frame_cap=limit,
-        )
-
-    steps = generate_step(model, embeddings, cache=cache, max_frames=limit, seed=seed, noise=noise,
-                          cfg_alpha=cfg_alpha, flow_steps=flow_steps, prefill_step_size=prefill_step_size,
-                          cancel=cancel)
-    for codes in steps:
-        pending.append(codes)
-        frames += 1
-        if frames == limit:
-            break
-        if len(pending) >= (first_chunk_frames if frames == len(pending) else chunk_frames):
-            if cancelled(cancel):
-                return
-            yield respond(None)
-    if cancelled(cancel):
-        return
-    yield respond("length" if frames == limit else "stop")
+    row = prepare_row(model, text, voice, seed=seed, noise=noise, max_frames=max_frames, cfg_alpha=cfg_alpha,
+                      flow_steps=flow_steps, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames,
+                      prefill_step_size=prefill_step_size)
+    for _, response in stream_rows(model, [row], cfg_alpha=cfg_alpha, flow_steps=flow_steps,
+                                   use_voice_cache=use_voice_cache, prefill_step_size=prefill_step_size,
+                                   cancel=cancel, start=start):
+        yield response
 
 
 def collect(responses: Iterator[GenerationResponse]) -> GenerationResult:

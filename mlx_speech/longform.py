@@ -14,6 +14,8 @@ any length (the CLI and the server use it for every request):
    model's context (a piece that does not is cut again, down to single words).
 3. Piece ``i`` is spoken by ``stream_generate`` with the same voice and ``chunk_seed(seed, i)``:
    piece 0 uses ``seed`` itself, so one-piece text gives exactly ``stream_generate``'s output.
+   With ``batch_size=N`` N pieces are decoded at once (``stream_batch_generate``), each with the
+   same seed, so the samples are those of ``batch_size=1``; chunks still come out in order.
 4. Consecutive pieces overlap by ``crossfade_ms`` (default 40 ms) with an equal-power crossfade
    (cos/sin gains, whose squares sum to 1: the right shape for two unrelated signals). To do this
    the last ``crossfade_ms`` of every piece but the last is held back until the next piece's first
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .batch_generation import stream_batch_generate
 from .generation import (
     DEFAULT_MAX_CHARS,
     DEFAULT_VOICE,
@@ -44,7 +47,7 @@ from .generation import (
     stream_generate,
 )
 from .model import Model
-from .options import check_options
+from .options import check_int, check_options
 from .prompt_cache import cancelled
 from .voice_file import Voice
 from .voice_select import SelectedVoice, select_voice
@@ -288,6 +291,7 @@ def stream_generate_long(
     first_chunk_chars: int | None = DEFAULT_FIRST_CHUNK_CHARS,
     crossfade_ms: float = DEFAULT_CROSSFADE_MS,
     max_frames: int | None = None,
+    batch_size: int = 1,
     cancel=None,
     **kwargs,
 ) -> Iterator[LongGenerationResponse]:
@@ -304,6 +308,12 @@ def stream_generate_long(
         max_frames: the most frames of each piece; None (the default): each piece's runaway cap
             (``options.frame_cap`` of its token count). A piece that stops there makes the
             final ``finish_reason`` "length" and is listed in ``capped_pieces``.
+        batch_size: pieces generated at once (``stream_batch_generate``); the output is the same
+            samples as with 1 (each piece keeps its seed), only sooner on hardware where a
+            batched step costs less than that many single ones. The first piece's chunks
+            still come first and as soon as they exist; a later piece's are held until every
+            piece before it is out, so with N > 1 up to the audio of the pieces generated ahead
+            is held in memory.
         cancel: an object with ``is_set()`` (e.g. ``threading.Event``), checked between prefill
             chunks and frames of every piece; once set the generator returns without further
             responses.
@@ -316,6 +326,7 @@ def stream_generate_long(
     if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, (int, float)) or not crossfade_ms >= 0:
         raise ValueError(f"crossfade_ms must be >= 0, got {crossfade_ms!r}")
     check_options(seed=seed, max_frames=max_frames, **{k: kwargs[k] for k in _OPTIONS if k in kwargs})
+    check_int(batch_size, "batch_size", 1)
     voice = select_voice(model, voice)  # once: a voice file is read once, not per piece
     planned = plan_pieces(model, text, voice, max_chars=max_chars, chunk_chars=chunk_chars,
                           first_chunk_chars=first_chunk_chars, max_frames=max_frames)
@@ -326,40 +337,72 @@ def stream_generate_long(
     held = np.zeros(0, np.float32)  # the signal not yet yielded (the tail awaiting a crossfade)
     emitted = frames_before = 0
     capped: tuple[tuple[int, int], ...] = ()  # (piece, frame cap) of the pieces that stopped there
-    for i, (piece, _) in enumerate(planned):
-        last_piece = i == len(planned) - 1
-        joining, head, codes = i > 0, [], []
-        if cancelled(cancel):
-            return
-        for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), max_frames=max_frames,
-                                 cancel=cancel, **kwargs):
-            codes.append(r.codes)
-            if joining:  # gather enough of this piece's start to cross the held tail
-                head.append(r.audio)
-                if sum(map(len, head)) < len(held) and r.finish_reason is None:
-                    continue
-                joined = np.concatenate(head)
-                held = crossfade(held, joined, min(len(held), len(joined)))
-                joining, head = False, []
-            else:
-                held = np.concatenate([held, r.audio]) if len(held) else r.audio
-            keep = 0 if last_piece else min(overlap, len(held))
-            audio, held = held[: len(held) - keep], held[len(held) - keep :]
-            emitted += len(audio)
-            if r.finish_reason == "length":
-                capped += ((i, r.frame_cap),)
-            elapsed = time.perf_counter() - start
-            finish = ("length" if capped else "stop") if last_piece and r.finish_reason else None
-            yield LongGenerationResponse(
-                audio=audio, sample_rate=sr, codes=np.concatenate(codes), frames=frames_before + r.frames,
-                audio_seconds=emitted / sr, elapsed=elapsed,
-                real_time_factor=emitted / sr / elapsed if elapsed > 0 else 0.0,
-                peak_memory=r.peak_memory, finish_reason=finish, frame_cap=r.frame_cap,
-                piece=i, pieces=len(planned), prompt_tokens=prompt_tokens, capped_pieces=capped,
-            )
-            codes = []
-            if r.finish_reason is not None:
-                frames_before += r.frames
+    piece = -1
+    for i, r in _piece_responses(model, planned, voice, seed, max_frames, batch_size, cancel, kwargs):
+        if i != piece:  # the first response of the next piece
+            piece, last_piece = i, i == len(planned) - 1
+            joining, head, codes = i > 0, [], []
+        codes.append(r.codes)
+        if joining:  # gather enough of this piece's start to cross the held tail
+            head.append(r.audio)
+            if sum(map(len, head)) < len(held) and r.finish_reason is None:
+                continue
+            joined = np.concatenate(head)
+            held = crossfade(held, joined, min(len(held), len(joined)))
+            joining, head = False, []
+        else:
+            held = np.concatenate([held, r.audio]) if len(held) else r.audio
+        keep = 0 if last_piece else min(overlap, len(held))
+        audio, held = held[: len(held) - keep], held[len(held) - keep :]
+        emitted += len(audio)
+        if r.finish_reason == "length":
+            capped += ((i, r.frame_cap),)
+        elapsed = time.perf_counter() - start
+        finish = ("length" if capped else "stop") if last_piece and r.finish_reason else None
+        yield LongGenerationResponse(
+            audio=audio, sample_rate=sr, codes=np.concatenate(codes), frames=frames_before + r.frames,
+            audio_seconds=emitted / sr, elapsed=elapsed,
+            real_time_factor=emitted / sr / elapsed if elapsed > 0 else 0.0,
+            peak_memory=r.peak_memory, finish_reason=finish, frame_cap=r.frame_cap,
+            piece=i, pieces=len(planned), prompt_tokens=prompt_tokens, capped_pieces=capped,
+        )
+        codes = []
+        if r.finish_reason is not None:
+            frames_before += r.frames
+
+
+def _piece_responses(model: Model, planned: list[tuple[str, int]], voice: SelectedVoice, seed: int | None,
+                     max_frames: int | None, batch_size: int, cancel, kwargs: dict) -> Iterator[tuple[int, GenerationResponse]]:
+    """``(piece index, response)`` of every piece, in piece order, each piece with ``chunk_seed``.
+
+    ``batch_size`` 1: ``stream_generate`` piece after piece. More: ``stream_batch_generate``
+    keeps that many pieces decoding at once (the next joins as one finishes); the chunks of the
+    piece being played are passed on as they come, later pieces' are held until their turn.
+    """
+    if batch_size == 1:
+        for i, (piece, _) in enumerate(planned):
+            if cancelled(cancel):
+                return
+            for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), max_frames=max_frames,
+                                     cancel=cancel, **kwargs):
+                yield i, r
+        return
+    later: dict[int, list[GenerationResponse]] = {}  # chunks of pieces whose turn has not come
+    playing = 0
+    for i, r in stream_batch_generate(model, [p for p, _ in planned], voice,
+                                      seeds=[chunk_seed(seed, i) for i in range(len(planned))],
+                                      max_frames=max_frames, batch_size=batch_size, cancel=cancel, **kwargs):
+        if i != playing:
+            later.setdefault(i, []).append(r)
+            continue
+        yield i, r
+        while r.finish_reason is not None:  # this piece is done: pass on what the next one has
+            playing += 1
+            held = later.pop(playing, [])
+            for r in held:
+                yield playing, r
+            if not held:
+                break
 
 
 def generate_long(model: Model, text: str, voice: str | os.PathLike | Voice | SelectedVoice = DEFAULT_VOICE,

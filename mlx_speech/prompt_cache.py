@@ -2,8 +2,9 @@
 
 ``prefill`` runs a prompt through the backbone a bounded number of positions per call (mlx-lm's
 ``prefill_step_size`` pattern), so a long prompt costs time and memory in proportion to its
-length, and a cancel flag is honoured between calls. ``generate_step`` and the voice-prefix cache
-both prefill with it.
+length, and a cancel flag is honoured between calls. ``generate_step``, the batched generation
+and the voice-prefix cache all prefill with it; ``ChunkedPrefill`` is the same work one chunk per
+call, for a scheduler that interleaves a new request's prefill with the running rows' frames.
 
 Every prompt begins ``[BOS] [BEGIN_AUDIO] [AUDIO]×N`` with the N voice rows in the [AUDIO]
 slots (spec §4.1), identical for every request with the same voice. That prefix is 67–218
@@ -29,37 +30,75 @@ def cancelled(cancel) -> bool:
     return cancel is not None and cancel.is_set()
 
 
+class ChunkedPrefill:
+    """A prefill run one chunk at a time: ``advance()`` runs the next ``step_size`` positions.
+
+    ``prefill`` drains it at once; a scheduler (the server's continuous batching) calls
+    ``advance`` between decode steps of running rows, so a long new prompt stalls them for one
+    chunk at a time, not for its whole length. Between chunks the cache is evaluated and MLX's
+    buffer cache cleared (as mlx-lm's ``generate_step`` does), so each chunk's graph and
+    temporaries are freed before the next.
+
+    Attributes:
+        cache: the backbone KV cache being filled (per-layer ``KVCache``).
+        hidden: once ``done``, the last position's final-normed hidden state (B, dim), not yet
+            evaluated; None before.
+    """
+
+    def __init__(self, model, embeddings: mx.array, cache: list, step_size: int = DEFAULT_PREFILL_STEP):
+        if step_size < 1:
+            raise ValueError(f"prefill_step_size must be at least 1, got {step_size}")
+        self._model = model
+        self._batch = embeddings if embeddings.ndim == 3 else embeddings[None]
+        if self._batch.shape[1] < 1:
+            raise ValueError("nothing to prefill: the prompt embeddings are empty")
+        self._step = step_size
+        self._start = 0
+        self.cache = cache
+        self.hidden: mx.array | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.hidden is not None
+
+    @property
+    def remaining(self) -> int:
+        """Prompt positions not yet in the cache."""
+        return self._batch.shape[1] - self._start
+
+    def advance(self) -> bool:
+        """Run the next chunk; True once the whole prompt is in the cache (``hidden`` is set)."""
+        if self.done:
+            return True
+        end = min(self._batch.shape[1], self._start + self._step)
+        hidden = self._model(self._batch[:, self._start : end], self.cache)
+        self._start = end
+        if self.remaining == 0:
+            self.hidden = hidden[:, -1]
+            return True
+        mx.eval([c.state for c in self.cache])
+        mx.clear_cache()
+        return False
+
+
 def prefill(model, embeddings: mx.array, cache: list, step_size: int = DEFAULT_PREFILL_STEP,
             cancel=None) -> mx.array | None:
     """Run prompt embeddings (L, dim), or a batch (B, L, dim), through the backbone into ``cache``,
-    ``step_size`` positions at a time.
+    ``step_size`` positions at a time (``ChunkedPrefill`` drained).
 
     Each call attends from at most ``step_size`` new positions to the cache, so attention scores
-    are step × positions-so-far rather than L × L. Between calls the cache is evaluated and MLX's
-    buffer cache cleared (as mlx-lm's ``generate_step`` does), so each chunk's graph and
-    temporaries are freed before the next. ``cancel`` is checked before every call.
+    are step × positions-so-far rather than L × L. ``cancel`` is checked before every call.
 
     Returns:
         The last position's final-normed hidden state (B, dim) (B = 1 for unbatched input), not
         yet evaluated; None if ``cancel`` was set (the cache then holds the chunks done so far).
     """
-    if step_size < 1:
-        raise ValueError(f"prefill_step_size must be at least 1, got {step_size}")
-    batch = embeddings if embeddings.ndim == 3 else embeddings[None]
-    total = batch.shape[1]
-    if total < 1:
-        raise ValueError("nothing to prefill: the prompt embeddings are empty")
-    start = 0
+    run = ChunkedPrefill(model, embeddings, cache, step_size)
     while True:
         if cancelled(cancel):
             return None
-        end = min(total, start + step_size)
-        hidden = model(batch[:, start:end], cache)
-        if end == total:
-            return hidden[:, -1]
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-        start = end
+        if run.advance():
+            return run.hidden
 
 
 def voice_prefix_length(ids: list[int], audio_id: int) -> int:

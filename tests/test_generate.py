@@ -58,6 +58,29 @@ def test_batched_cfg_solve_equals_plain_passes(model, alpha):
     np.testing.assert_allclose(np.array(head.sample_acoustic(h, x0, 7, alpha)), np.array(x), atol=1e-5)
 
 
+def test_one_utterance_runs_the_plain_decode_loop(model):
+    """A batch of one is the loop as it was before batching: prefill, then per frame the flow
+    solve on the last hidden state and one backbone step on the frame's codes, in a plain KV
+    cache (written out here independently); same codes, same samples, bit for bit."""
+    from mlx_speech.prompt_cache import prefill
+
+    ids = model.tokenizer.encode_speech(TEXT, VOICE)
+    emb = model.prompt_embeddings(mx.array(ids), model.voice(VOICE))
+    cache = model.make_cache()
+    h, key, frames = prefill(model, emb, cache), mx.random.key(21), []
+    for _ in range(7):
+        key, sub = mx.random.split(key)
+        codes = model.acoustic_transformer(h, mx.random.normal((1, 36), key=sub), 7, 1.2)
+        if codes[0, 0].item() == 1:
+            break
+        frames.append(codes[0])
+        h = model(model.audio_code_embeddings(codes)[:, None], cache)[:, -1]
+    expected = mx.stack(frames)
+    result = generate(model, TEXT, VOICE, seed=21, max_frames=7, use_voice_cache=False, chunk_frames=7)
+    np.testing.assert_array_equal(result.codes, np.array(expected))
+    np.testing.assert_array_equal(result.audio, np.array(model.audio_tokenizer.decode(expected[None])[0]))
+
+
 def test_max_frames_ends_with_length(model):
     result = generate(model, TEXT, VOICE, seed=5, max_frames=3)
     assert result.finish_reason == "length"

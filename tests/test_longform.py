@@ -198,6 +198,25 @@ def test_paragraphs_make_one_continuous_crossfaded_signal(model):
     np.testing.assert_allclose(butt.audio, np.concatenate(pieces), atol=1e-6)
 
 
+def test_pieces_in_parallel_give_the_same_samples_in_order(model):
+    # Seed 6: pieces of 162, 3, 49 and 6 frames, so pieces 1-3 finish while piece 0 still speaks.
+    kwargs = dict(seed=6, chunk_chars=45, first_chunk_chars=30, max_frames=None, chunk_frames=2)
+    one = list(stream_generate_long(model, STORY, VOICE, **kwargs))
+    four = list(stream_generate_long(model, STORY, VOICE, batch_size=4, **kwargs))
+    # Same pieces, same chunks in the same order (the first piece first), same samples.
+    assert [c.piece for c in four] == [c.piece for c in one] and four[0].piece == 0
+    assert len({c.piece for c in one}) == 4 and len({len(c.codes) for c in one}) > 1
+    for a, b in zip(one, four):
+        np.testing.assert_array_equal(b.codes, a.codes)
+        np.testing.assert_array_equal(b.audio, a.audio)
+        assert (b.frames, b.finish_reason, b.capped_pieces) == (a.frames, a.finish_reason, a.capped_pieces)
+    short = dict(kwargs, max_frames=2)
+    np.testing.assert_array_equal(generate_long(model, STORY, VOICE, batch_size=3, **short).audio,
+                                  generate_long(model, STORY, VOICE, **short).audio)
+    with pytest.raises(ValueError, match="^batch_size must be"):
+        next(stream_generate_long(model, STORY, VOICE, batch_size=0))
+
+
 def test_same_seed_same_audio_other_seed_other_audio(model):
     kwargs = dict(chunk_chars=45, first_chunk_chars=30, max_frames=2)
     a = generate_long(model, STORY, VOICE, seed=11, **kwargs)
