@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .clip_prep import MAX_SECONDS_LIMIT, MIN_SECONDS, PAUSE_SECONDS, check_max_seconds
+from .commands import add_version
 from .options import DEFAULT_VOICE, SEED_RANGE, check_int
 
 DEFAULT_MODEL = "mistralai/Voxtral-4B-TTS-2603"
@@ -45,6 +46,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         description="Make a voice file from a 5-16 s recording of one speaker (encoder-free enrollment "
                     "through the Voxtral codec decoder), or self-check enrollment on a preset (--evaluate).",
     )
+    add_version(p)
     p.add_argument("reference", nargs="?", help="the recording: wav, flac, ogg (mp3 where libsndfile reads it)")
     p.add_argument("--output", "-o", help=f"voice file to write (ends in {VOICE_SUFFIX})")
     p.add_argument("--model", default=DEFAULT_MODEL,
