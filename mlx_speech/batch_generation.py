@@ -66,6 +66,7 @@ class PreparedRow:
         frame_cap: the most frames it may take (``max_frames`` or the runaway cap; with explicit
             noise and no ``max_frames``, at most the noise rows).
         seed, noise: its noise source (see ``generate_step``).
+        cfg_alpha, flow_steps: its solver settings.
         first_chunk_frames, chunk_frames: its chunking (see ``stream_generate``).
     """
 
@@ -75,6 +76,8 @@ class PreparedRow:
     frame_cap: int
     seed: int | None = None
     noise: mx.array | None = None
+    cfg_alpha: float = DEFAULT_CFG_ALPHA
+    flow_steps: int = DEFAULT_FLOW_STEPS
     first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
 
@@ -96,7 +99,7 @@ def prepare_row(model: Model, text: str, voice: VoiceLike = DEFAULT_VOICE, *, se
     if noise is not None and max_frames is None and noise.ndim == 2:
         limit = min(limit, noise.shape[0])  # no frame can be made past the given noise
     check_noise(noise, limit, model.config.acoustic.n_acoustic_codebook)
-    return PreparedRow(text, voice, ids, limit, seed, noise, first_chunk_frames, chunk_frames)
+    return PreparedRow(text, voice, ids, limit, seed, noise, cfg_alpha, flow_steps, first_chunk_frames, chunk_frames)
 
 
 def start_prefill(model: Model, row: PreparedRow, *, use_voice_cache: bool = True,
@@ -220,7 +223,6 @@ def respond_all(streams: Sequence[RowStream], finish_reasons: Sequence[str | Non
 
 
 def stream_rows(model: Model, rows: Sequence[PreparedRow], *, batch_size: int | None = None,
-                cfg_alpha: float = DEFAULT_CFG_ALPHA, flow_steps: int = DEFAULT_FLOW_STEPS,
                 use_voice_cache: bool = True, prefill_step_size: int = DEFAULT_PREFILL_STEP,
                 cancel=None, start: float | None = None) -> Iterator[tuple[int, GenerationResponse]]:
     """Generate prepared rows together; yields ``(row index, response)`` as chunks are ready.
@@ -235,7 +237,7 @@ def stream_rows(model: Model, rows: Sequence[PreparedRow], *, batch_size: int | 
     if batch_size is not None:
         check_int(batch_size, "batch_size", 1)
     limit = len(rows) if batch_size is None else batch_size
-    decoder = FrameDecoder(model, cfg_alpha=cfg_alpha, flow_steps=flow_steps)
+    decoder = FrameDecoder(model)
     streams: dict[int, RowStream] = {}
     waiting = iter(range(len(rows)))
     exhausted = False
@@ -252,7 +254,8 @@ def stream_rows(model: Model, rows: Sequence[PreparedRow], *, batch_size: int | 
                 pass
             if cancelled(cancel):
                 return
-            decoder.add(index, run.cache, run.hidden, frame_cap=row.frame_cap, seed=row.seed, noise=row.noise)
+            decoder.add(index, run.cache, run.hidden, frame_cap=row.frame_cap, seed=row.seed, noise=row.noise,
+                        cfg_alpha=row.cfg_alpha, flow_steps=row.flow_steps)
             streams[index] = RowStream(model, row, start)
         if not len(decoder) or cancelled(cancel):
             return
@@ -286,18 +289,22 @@ def _per_row(value, n: int, name: str) -> list:
 
 
 def prepare_rows(model: Model, texts: Sequence[str], voices=DEFAULT_VOICE, *, seeds=None, noise=None,
-                 max_frames=None, **kwargs) -> list[PreparedRow]:
-    """``prepare_row`` for every text; ``voices``, ``seeds``, ``noise`` and ``max_frames`` are
-    each one value for all rows or a list with one per row. Errors name the row: "texts[2]: …"."""
+                 max_frames=None, cfg_alpha=DEFAULT_CFG_ALPHA, flow_steps=DEFAULT_FLOW_STEPS,
+                 **kwargs) -> list[PreparedRow]:
+    """``prepare_row`` for every text; ``voices``, ``seeds``, ``noise``, ``max_frames``,
+    ``cfg_alpha`` and ``flow_steps`` are each one value for all rows or a list with one per row.
+    Errors name the row: "texts[2]: …"."""
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
     n = len(texts)
     per_row = zip(texts, _per_row(voices, n, "voices"), _per_row(seeds, n, "seeds"),
-                  _per_row(noise, n, "noise"), _per_row(max_frames, n, "max_frames"))
+                  _per_row(noise, n, "noise"), _per_row(max_frames, n, "max_frames"),
+                  _per_row(cfg_alpha, n, "cfg_alpha"), _per_row(flow_steps, n, "flow_steps"))
     rows = []
-    for i, (text, voice, seed, row_noise, frames) in enumerate(per_row):
+    for i, (text, voice, seed, row_noise, frames, alpha, steps) in enumerate(per_row):
         try:
-            rows.append(prepare_row(model, text, voice, seed=seed, noise=row_noise, max_frames=frames, **kwargs))
+            rows.append(prepare_row(model, text, voice, seed=seed, noise=row_noise, max_frames=frames,
+                                    cfg_alpha=alpha, flow_steps=steps, **kwargs))
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise type(e)(f"texts[{i}]: {e}") from None
     return rows
@@ -312,8 +319,8 @@ def stream_batch_generate(
     noise: mx.array | None | Sequence[mx.array | None] = None,
     max_frames: int | None | Sequence[int | None] = None,
     batch_size: int | None = None,
-    cfg_alpha: float = DEFAULT_CFG_ALPHA,
-    flow_steps: int = DEFAULT_FLOW_STEPS,
+    cfg_alpha: float | Sequence[float] = DEFAULT_CFG_ALPHA,
+    flow_steps: int | Sequence[int] = DEFAULT_FLOW_STEPS,
     first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
     chunk_frames: int = DEFAULT_CHUNK_FRAMES,
     use_voice_cache: bool = True,
@@ -330,12 +337,14 @@ def stream_batch_generate(
     Args:
         model: a model from ``mlx_speech.load``.
         texts: what to say, one utterance per text.
-        voices, seeds, noise, max_frames: each one value for every text or a list with one per
-            text (see ``stream_generate``; ``noise`` entries are (≥ frames, 36) arrays or None).
+        voices, seeds, noise, max_frames, cfg_alpha, flow_steps: each one value for every text or
+            a list with one per text (see ``stream_generate``; ``noise`` entries are
+            (≥ frames, 36) arrays or None). Rows with different ``flow_steps`` still share the
+            backbone step, with one flow solve per step count.
         batch_size: the most texts decoded at once (None: all); when one finishes, the next
             joins at the next frame.
-        cfg_alpha, flow_steps, first_chunk_frames, chunk_frames, use_voice_cache,
-            prefill_step_size: as ``stream_generate``, for every text.
+        first_chunk_frames, chunk_frames, use_voice_cache, prefill_step_size: as
+            ``stream_generate``, for every text.
         cancel: an object with ``is_set()``, checked between prefill chunks and frames; once set
             the generator returns with no further responses.
 
@@ -347,9 +356,8 @@ def stream_batch_generate(
     rows = prepare_rows(model, texts, voices, seeds=seeds, noise=noise, max_frames=max_frames,
                         cfg_alpha=cfg_alpha, flow_steps=flow_steps, first_chunk_frames=first_chunk_frames,
                         chunk_frames=chunk_frames, prefill_step_size=prefill_step_size)
-    yield from stream_rows(model, rows, batch_size=batch_size, cfg_alpha=cfg_alpha, flow_steps=flow_steps,
-                           use_voice_cache=use_voice_cache, prefill_step_size=prefill_step_size,
-                           cancel=cancel, start=start)
+    yield from stream_rows(model, rows, batch_size=batch_size, use_voice_cache=use_voice_cache,
+                           prefill_step_size=prefill_step_size, cancel=cancel, start=start)
 
 
 def batch_generate(model: Model, texts: Sequence[str], voices: VoiceLike | Sequence[VoiceLike] = DEFAULT_VOICE,

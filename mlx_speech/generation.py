@@ -114,12 +114,14 @@ def check_noise(noise: mx.array | None, frames: int, n_acoustic: int) -> None:
 
 
 class _Row:
-    """A decoding row: its frame count and cap, and its own noise source."""
+    """A decoding row: its frame count and cap, its solver settings and its own noise source."""
 
-    __slots__ = ("key", "frame_cap", "frames", "noise", "rng")
+    __slots__ = ("key", "frame_cap", "frames", "noise", "rng", "cfg_alpha", "flow_steps")
 
-    def __init__(self, key, frame_cap: int, seed: int | None, noise: mx.array | None):
+    def __init__(self, key, frame_cap: int, seed: int | None, noise: mx.array | None, cfg_alpha: float,
+                 flow_steps: int):
         self.key, self.frame_cap, self.frames, self.noise = key, frame_cap, 0, noise
+        self.cfg_alpha, self.flow_steps = cfg_alpha, flow_steps
         self.rng = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
 
     def next_x0(self, n_acoustic: int) -> mx.array:
@@ -137,8 +139,9 @@ class FrameDecoder:
     One utterance is a batch of one: ``generate_step`` and every streaming entry point drive this
     loop, so there is no second decode loop beside it. Each row keeps everything that makes its
     output its own: its noise (the same key splits as a lone ``generate_step``, or explicit rows),
-    its frame cap, its KV history. All rows share one backbone step, one compiled flow-matching
-    solve (both CFG branches of every row in one graph) and one host sync per frame.
+    its frame cap, its KV history, its guidance strength. All rows share one backbone step, one
+    compiled flow-matching solve (both CFG branches of every row in one graph; rows asking for
+    different ``flow_steps`` get one solve per step count) and one host sync per frame.
 
     KV state: a lone row keeps its per-layer ``KVCache`` untouched, so a single stream runs
     exactly the graph it always did (no mask, integer RoPE offset). When rows are batched they
@@ -155,6 +158,7 @@ class FrameDecoder:
 
     def __init__(self, model: Model, *, cfg_alpha: float = DEFAULT_CFG_ALPHA,
                  flow_steps: int = DEFAULT_FLOW_STEPS):
+        """``cfg_alpha`` and ``flow_steps``: the solver settings of rows that do not give their own."""
         check_options(cfg_alpha=cfg_alpha, flow_steps=flow_steps)
         self.model = model
         self.cfg_alpha, self.flow_steps = cfg_alpha, flow_steps
@@ -172,7 +176,8 @@ class FrameDecoder:
         return [r.key for r in self._rows] + [r.key for r, _, _ in self._joining]
 
     def add(self, key: Hashable, cache: list, hidden: mx.array, *, frame_cap: int,
-            seed: int | None = None, noise: mx.array | None = None) -> None:
+            seed: int | None = None, noise: mx.array | None = None, cfg_alpha: float | None = None,
+            flow_steps: int | None = None) -> None:
         """A prefilled row joins at the next ``step``.
 
         Args:
@@ -183,14 +188,17 @@ class FrameDecoder:
             frame_cap: the most frames it may take.
             seed: seeds its noise exactly as ``generate_step`` does (None: random).
             noise: (≥ frame_cap, 36) explicit x₀ rows, one per frame (replaces the seed).
+            cfg_alpha, flow_steps: its solver settings (None: the decoder's).
         """
-        check_options(max_frames=frame_cap, seed=seed)
+        cfg_alpha = self.cfg_alpha if cfg_alpha is None else cfg_alpha
+        flow_steps = self.flow_steps if flow_steps is None else flow_steps
+        check_options(max_frames=frame_cap, seed=seed, cfg_alpha=cfg_alpha, flow_steps=flow_steps)
         check_noise(noise, frame_cap, self.model.config.acoustic.n_acoustic_codebook)
         if key in self.keys:
             raise ValueError(f"a row with key {key!r} is already in the decoder")
         if hidden.ndim != 2 or hidden.shape[0] != 1:
             raise ValueError(f"hidden must be one row (1, dim); got {tuple(hidden.shape)}")
-        self._joining.append((_Row(key, frame_cap, seed, noise), cache, hidden))
+        self._joining.append((_Row(key, frame_cap, seed, noise, cfg_alpha, flow_steps), cache, hidden))
 
     def remove(self, key: Hashable) -> bool:
         """Take a row out (a cancelled request); the others go on unchanged. False if absent."""
@@ -235,6 +243,30 @@ class FrameDecoder:
             self._hidden = mx.concatenate([self._hidden, *hidden] if self._hidden is not None else hidden)
         self._rows += rows
 
+    def _codes(self, rows: list[_Row], hidden: mx.array, x0: mx.array) -> mx.array:
+        """Every row's codes of this frame: one compiled solve per step count in the batch.
+
+        Guidance strengths differ per row as a (B, 1) factor inside the same graph (a scalar when
+        all rows agree, so a lone row runs the graph it always did); either way every row's
+        arithmetic is the same as alone.
+        """
+        head = self.model.acoustic_transformer
+        by_steps: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_steps.setdefault(r.flow_steps, []).append(i)
+
+        def solve(members: list[int], h: mx.array, x: mx.array) -> mx.array:
+            alphas = {rows[i].cfg_alpha for i in members}
+            alpha = alphas.pop() if len(alphas) == 1 else mx.array([[rows[i].cfg_alpha] for i in members], mx.float32)
+            return head(h, x, rows[members[0]].flow_steps, alpha)
+
+        if len(by_steps) == 1:
+            return solve(list(range(len(rows))), hidden, x0)
+        order = [i for members in by_steps.values() for i in members]
+        parts = [solve(m, hidden[mx.array(m)], x0[mx.array(m)]) for m in by_steps.values()]
+        back = mx.array(np.argsort(order))  # batch position of each row in the concatenation
+        return mx.concatenate(parts)[back]
+
     def step(self) -> list[Frame]:
         """One frame for every row, in batch order (joining rows are admitted first).
 
@@ -249,7 +281,7 @@ class FrameDecoder:
             return []
         n_acoustic = self.model.config.acoustic.n_acoustic_codebook
         x0 = mx.concatenate([r.next_x0(n_acoustic) for r in rows]) if len(rows) > 1 else rows[0].next_x0(n_acoustic)
-        codes = self.model.acoustic_transformer(self._hidden, x0, self.flow_steps, self.cfg_alpha)  # (B, 37)
+        codes = self._codes(rows, self._hidden, x0)  # (B, 37)
         going_on = [i for i, r in enumerate(rows) if r.frames + 1 < r.frame_cap]
         self._keep(going_on)
         if going_on:
@@ -421,9 +453,8 @@ def stream_generate(
     row = prepare_row(model, text, voice, seed=seed, noise=noise, max_frames=max_frames, cfg_alpha=cfg_alpha,
                       flow_steps=flow_steps, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames,
                       prefill_step_size=prefill_step_size)
-    for _, response in stream_rows(model, [row], cfg_alpha=cfg_alpha, flow_steps=flow_steps,
-                                   use_voice_cache=use_voice_cache, prefill_step_size=prefill_step_size,
-                                   cancel=cancel, start=start):
+    for _, response in stream_rows(model, [row], use_voice_cache=use_voice_cache,
+                                   prefill_step_size=prefill_step_size, cancel=cancel, start=start):
         yield response
 
 

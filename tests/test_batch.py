@@ -113,6 +113,18 @@ def test_rows_join_as_others_finish_and_equal_their_solo_runs(model, rows):
         assert chunks[i][-1].finish_reason == r.finish_reason
 
 
+def test_rows_with_their_own_guidance_and_step_count_equal_their_solo_runs(model):
+    """Requests differ in cfg_alpha (one solve, a per-row factor) and flow_steps (a solve per
+    step count, one backbone step for all)."""
+    texts = [GOLDEN_TEXT, "Short.", "Two words", "Yes please"]
+    alphas, steps = [1.2, 2.0, 1.0, 1.2], [7, 7, 3, 3]
+    got = batch_generate(model, texts, "neutral_female", seeds=[1, 2, 3, 4], max_frames=6, cfg_alpha=alphas,
+                         flow_steps=steps)
+    for text, seed, alpha, n, g in zip(texts, [1, 2, 3, 4], alphas, steps, got):
+        assert_same(g, generate(model, text, "neutral_female", seed=seed, max_frames=6, cfg_alpha=alpha,
+                                flow_steps=n))
+
+
 def prefilled(model, text, voice):
     ids = model.tokenizer.encode_speech(text, voice)
     cache = model.make_cache()
