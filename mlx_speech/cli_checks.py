@@ -141,6 +141,8 @@ def check_args(args) -> Job:
     check_options(cfg_alpha=args.cfg_alpha, flow_steps=args.flow_steps, max_frames=args.max_frames,
                   seed=args.seed, name=flag)
     check_int(args.max_chars, "--max-chars", 1)
+    if args.batch_size is not None:
+        check_int(args.batch_size, "--batch-size", 1)
     job = Job(text=read_text(args), output=args.output, play=args.play or args.output is None,
               device=_device(args.device))
     if args.output is not None:
