@@ -68,9 +68,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help=f"backbone layers (default {DEFAULT_LAYERS}; the release has 26)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--batch-sizes", default=DEFAULT_BATCHES, help=f"comma-separated (default {DEFAULT_BATCHES})")
-    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="timed decoder steps per batch size (median)")
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                   help="timed rounds: one decoder step and one codec chunk per batch size each (median)")
     p.add_argument("--stage-reps", type=int, default=1, help="timed calls of each stage alone per batch size")
-    p.add_argument("--codec-reps", type=int, default=1, help="timed codec chunks per batch size")
     p.add_argument("--chunk-frames", type=int, default=DEFAULT_CHUNK_FRAMES, help="frames per codec chunk")
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="KV history of row 0 (positions)")
     p.add_argument("--flow-steps", type=int, default=DEFAULT_FLOW_STEPS)
@@ -115,73 +115,99 @@ def check_never_ends(frames) -> None:
         raise SystemExit(f"a row produced END_AUDIO ({END_AUDIO}) on random weights; the figures would be short")
 
 
-# ---- one batch size ----------------------------------------------------------------------------
-def measure_batch(model, batch: int, args) -> dict:
-    """Time one frame of ``batch`` rows: the decoder step, the codec chunk, each stage alone."""
+# ---- every batch size, in turns -----------------------------------------------------------------
+class BatchUnderTest:
+    """A decoder with ``batch`` rows in steady state and their codec streams mid-utterance."""
+
+    def __init__(self, model, batch: int, args):
+        self.model, self.batch, self.args = model, batch, args
+        self.lengths = row_lengths(args.context, batch)
+        self.decoder = FrameDecoder(model, cfg_alpha=args.cfg_alpha, flow_steps=args.flow_steps)
+        cap = 4 + args.frames + 2 * args.stage_reps
+        for b, n in enumerate(self.lengths):
+            self.decoder.add(b, *random_row(model, n, args.seed + b), frame_cap=cap, seed=args.seed + b)
+        self.frames = self.decoder.step()  # warm-up: merges the rows, compiles the solve for this batch
+        check_never_ends(self.frames)
+        self.chunk = [self.frames[b % batch].codes for b in range(args.chunk_frames)]
+        plan = PreparedRow("", None, [], 1 << 20, chunk_frames=args.chunk_frames)
+        self.streams = [RowStream(model, plan, time.perf_counter()) for _ in range(batch)]
+        for s in self.streams:
+            s.pending = self.chunk[:2]
+        respond_all(self.streams, [None] * batch)  # fills every conv tail and attention window
+        self.samples = {"decoder_step": [], "codec_chunk": [], "flow": [], "backbone_step": []}
+
+    def time_frame(self) -> tuple[float, float]:
+        """One decoder step (waits for the previous backbone step, solves this frame, syncs)
+        and one codec chunk of every row (one batched call), timed apart."""
+        start = time.perf_counter()
+        self.frames = self.decoder.step()
+        step = (time.perf_counter() - start) * 1e3
+        check_never_ends(self.frames)
+        for s in self.streams:
+            s.pending = list(self.chunk)
+        start = time.perf_counter()
+        respond_all(self.streams, [None] * self.batch)
+        codec = (time.perf_counter() - start) * 1e3
+        self.samples["decoder_step"].append(step)
+        self.samples["codec_chunk"].append(codec)
+        return step, codec
+
+    def time_stages(self) -> None:
+        """The flow solve and the backbone step alone, on the decoder's own batch state."""
+        decoder, model = self.decoder, self.model
+        hidden, cache = decoder._hidden, decoder._cache  # borrowed: exactly what the decoder runs
+        mx.eval(hidden)
+        x0 = mx.random.normal((self.batch, model.config.acoustic.n_acoustic_codebook))
+        self.samples["flow"].append(timed(model.acoustic_transformer, hidden, x0, self.args.flow_steps,
+                                          self.args.cfg_alpha)[1])
+        codes = mx.stack([f.codes for f in self.frames])
+        self.samples["backbone_step"].append(
+            timed(lambda: model(model.audio_code_embeddings(codes)[:, None], cache)[:, -1])[1])
+
+    def figures(self) -> dict:
+        m = {k: statistics.median(v) for k, v in self.samples.items()}
+        codec = m["codec_chunk"] / self.args.chunk_frames
+        frame_ms = m["decoder_step"] + codec
+        return {
+            "batch": self.batch, "row_history_positions": self.lengths,
+            "decoder_step_ms": m["decoder_step"], "codec_ms_per_frame": codec,
+            "frame_ms": frame_ms, "frame_ms_per_row": frame_ms / self.batch,
+            "aggregate_audio_s_per_s": self.batch * FRAME_MS / frame_ms,
+            "stages_alone_ms": {"backbone_step": m["backbone_step"], "flow": m["flow"], "codec_per_frame": codec},
+            "samples_ms": self.samples,
+        }
+
+
+def measure_batches(model, batches: list[int], args) -> tuple[list[dict], dict, float]:
+    """Every batch size held at once and timed in rounds, one frame each per round, the order
+    reversed every round, so load from other tenants of a shared machine falls on all alike.
+
+    Returns the figures per batch size, the per-round speedups over batch 1, and the peak memory.
+    """
     gc.collect()
     mx.clear_cache()
-    lengths = row_lengths(args.context, batch)
-    rows = [random_row(model, n, args.seed + b) for b, n in enumerate(lengths)]
     mx.reset_peak_memory()
-    decoder = FrameDecoder(model, cfg_alpha=args.cfg_alpha, flow_steps=args.flow_steps)
-    cap = args.frames + 4
-    for b, (cache, hidden) in enumerate(rows):
-        decoder.add(b, cache, hidden, frame_cap=cap, seed=args.seed + b)
-    check_never_ends(decoder.step())  # warm-up: merges the rows, compiles the solve for this batch
-    step_ms = []
-    for i in range(args.frames):
-        start = time.perf_counter()
-        frames = decoder.step()  # waits for the previous backbone step, solves this frame, syncs
-        step_ms.append((time.perf_counter() - start) * 1e3)
-        check_never_ends(frames)
-        log(f"  [batch {batch}] decoder step {i + 1}/{args.frames}: {step_ms[-1]:.0f} ms")
-    codes = mx.stack([f.codes for f in frames])  # (B, 37), reused for the stages below
-    # The decoder's own batch state, borrowed to time the stages on exactly what it runs.
-    hidden = decoder._hidden  # (B, dim) the next frame's states (queued by the last step)
-    mx.eval(hidden)
-
-    # The stages alone, each evaluated on its own (no overlap), on the decoder's batched cache.
-    x0 = mx.random.normal((batch, model.config.acoustic.n_acoustic_codebook))
-    head = model.acoustic_transformer
-    flow_ms = [timed(head, hidden, x0, args.flow_steps, args.cfg_alpha)[1] for _ in range(args.stage_reps)]
-    cache = decoder._cache
-    backbone_ms = [timed(lambda: model(model.audio_code_embeddings(codes)[:, None], cache)[:, -1])[1]
-                   for _ in range(args.stage_reps)]
-    log(f"  [batch {batch}] flow alone {statistics.median(flow_ms):.0f} ms, "
-        f"backbone step alone {statistics.median(backbone_ms):.0f} ms")
-    del decoder, cache, rows
-
-    # The codec: every row mid-utterance (its windows full), one chunk each, in one batched call.
-    plan = PreparedRow("", None, [], 1 << 20, chunk_frames=args.chunk_frames)
-    streams = [RowStream(model, plan, time.perf_counter()) for _ in range(batch)]
-    chunk = [codes[b % codes.shape[0]] for b in range(args.chunk_frames)]
-    for s in streams:
-        s.pending = chunk[:2]
-    respond_all(streams, [None] * batch)  # untimed: fills every conv tail and attention window
-    codec_ms = []
-    for _ in range(args.codec_reps):
-        for s in streams:
-            s.pending = list(chunk)
-        start = time.perf_counter()
-        respond_all(streams, [None] * batch)
-        codec_ms.append((time.perf_counter() - start) * 1e3)
-    log(f"  [batch {batch}] codec chunk of {args.chunk_frames} frames × {batch} rows: {statistics.median(codec_ms):.0f} ms")
-
-    step, codec = statistics.median(step_ms), statistics.median(codec_ms) / args.chunk_frames
-    frame_ms = step + codec  # one frame of every row: decoder step + its share of the codec chunk
-    return {
-        "batch": batch,
-        "row_history_positions": lengths,
-        "decoder_step_ms": step,
-        "codec_ms_per_frame": codec,
-        "frame_ms": frame_ms,
-        "frame_ms_per_row": frame_ms / batch,
-        "aggregate_audio_s_per_s": batch * FRAME_MS / frame_ms,
-        "stages_alone_ms": {"backbone_step": statistics.median(backbone_ms), "flow": statistics.median(flow_ms),
-                            "codec_per_frame": codec},
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        "samples_ms": {"decoder_step": step_ms, "flow": flow_ms, "backbone_step": backbone_ms, "codec_chunk": codec_ms},
-    }
+    runs = {}
+    for batch in batches:
+        log(f"batch {batch}: rows, warm-up step, codec priming …")
+        runs[batch] = BatchUnderTest(model, batch, args)
+    paired = {b: [] for b in batches}
+    for r in range(args.frames):
+        order = batches if r % 2 == 0 else batches[::-1]
+        frame_ms = {}
+        for batch in order:
+            step, codec = runs[batch].time_frame()
+            frame_ms[batch] = step + codec / args.chunk_frames
+            log(f"  round {r + 1}/{args.frames}, batch {batch}: decoder step {step:.0f} ms, "
+                f"codec chunk {codec:.0f} ms")
+        for batch in batches:
+            paired[batch].append(batch * frame_ms[1] / frame_ms[batch])
+    for r in range(args.stage_reps):
+        for batch in batches if r % 2 == 0 else batches[::-1]:
+            runs[batch].time_stages()
+            st = runs[batch].samples
+            log(f"  stages alone, batch {batch}: flow {st['flow'][-1]:.0f} ms, backbone step {st['backbone_step'][-1]:.0f} ms")
+    return [runs[b].figures() for b in batches], paired, mx.get_peak_memory() / 1e9
 
 
 # ---- one stream: the decoder against the loop it replaced ---------------------------------------
@@ -355,6 +381,9 @@ def _notes(args, real_layers: int) -> list[str]:
         "frame_ms = decoder_step_ms + codec_ms_per_frame: one frame of every row; aggregate_audio_s_per_s "
         "= B × 80 ms / frame_ms; aggregate_speedup = that over batch 1",
         "stages_alone_ms: each stage evaluated on its own for the whole batch (no overlap)",
+        "every batch size is held at once and timed in rounds (one frame each, the order reversed every "
+        "round), so load on a shared machine falls on all alike; aggregate_speedup_per_round pairs the "
+        "frames of one round; peak_memory_gb covers all batch sizes together",
         "cost model: weights are read once per batched call (the minimum), so weight bytes per generated "
         "frame fall as 1/B; FLOPs and KV-cache bytes per row do not. On a GPU a decode step is bound by "
         "reading the weights until B × FLOPs/peak exceeds that read time: compute_bound_estimates. MLX's CPU "
@@ -370,7 +399,7 @@ def _notes(args, real_layers: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    for name in ("layers", "frames", "stage_reps", "codec_reps", "chunk_frames", "context", "flow_steps", "rounds"):
+    for name in ("layers", "frames", "stage_reps", "chunk_frames", "context", "flow_steps", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if (args.gpu_tflops is None) != (args.gpu_bandwidth is None):
@@ -394,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": backend_info(),
         "config": {"params": str(args.params), "layers": args.layers, "layers_real": real_layers,
                    "reduced": args.layers != real_layers, "dtype": args.dtype, "context": args.context,
-                   "frames": args.frames, "stage_reps": args.stage_reps, "codec_reps": args.codec_reps,
+                   "frames": args.frames, "stage_reps": args.stage_reps, "batch_sizes": batches,
                    "chunk_frames": args.chunk_frames, "flow_steps": args.flow_steps,
                    "cfg_alpha": args.cfg_alpha, "seed": args.seed},
         "setup_s": setup_s,
@@ -411,14 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         record["mode"] = "batch"
         record["notes"] = _notes(args, real_layers)
-        results = []
-        for batch in batches:
-            log(f"batch {batch}: {args.frames} timed decoder steps, stages, codec …")
-            results.append(measure_batch(model, batch, args))
+        results, paired, peak = measure_batches(model, batches, args)
         base = results[0]["aggregate_audio_s_per_s"]
         record["batches"] = results
+        record["peak_memory_gb"] = peak
         record["aggregate_audio_s_per_s"] = {str(r["batch"]): r["aggregate_audio_s_per_s"] for r in results}
         record["aggregate_speedup"] = {str(r["batch"]): r["aggregate_audio_s_per_s"] / base for r in results}
+        record["aggregate_speedup_per_round"] = {str(b): v for b, v in paired.items()}
         cost = cost_model(model, args)
         record["cost_model"] = cost
         gpus = dict(APPLE_GPUS)
@@ -426,13 +454,13 @@ def main(argv: list[str] | None = None) -> int:
             gpus["given (--gpu-tflops, --gpu-bandwidth)"] = (args.gpu_tflops, args.gpu_bandwidth)
         record["compute_bound_estimates"] = {name: compute_bound_batch(cost, *spec) for name, spec in gpus.items()}
         rows = [f"{'batch':>5}{'frame ms':>11}{'per row':>10}{'audio s/s':>11}{'speedup':>9}{'flow':>9}"
-                f"{'backbone':>10}{'codec/fr':>10}{'peak GB':>9}"]
+                f"{'backbone':>10}{'codec/fr':>10}"]
         for r in results:
             st = r["stages_alone_ms"]
             rows.append(f"{r['batch']:>5}{r['frame_ms']:>11.0f}{r['frame_ms_per_row']:>10.0f}"
                         f"{r['aggregate_audio_s_per_s']:>11.3f}{record['aggregate_speedup'][str(r['batch'])]:>9.2f}"
-                        f"{st['flow']:>9.0f}{st['backbone_step']:>10.0f}{st['codec_per_frame']:>10.0f}"
-                        f"{r['peak_memory_gb']:>9.2f}")
+                        f"{st['flow']:>9.0f}{st['backbone_step']:>10.0f}{st['codec_per_frame']:>10.0f}")
+        rows.append(f"peak memory (every batch size held at once) {peak:.2f} GB")
         rows += [f"{name}: compute-bound from batch {e['compute_bound_from_batch']:.1f}"
                  for name, e in record["compute_bound_estimates"].items()]
         summary = "\n".join(rows)

@@ -209,8 +209,8 @@ def respond_all(streams: Sequence[RowStream], finish_reasons: Sequence[str | Non
             continue
         rows = [streams[i] for i in members]
         shared = codec.make_cache()
-        per_row = [_codec_arrays(s.codec_cache) for s in rows]
-        _set_codec_arrays(shared, [None if a[0] is None else mx.concatenate(a) for a in zip(*per_row)])
+        states = [_codec_arrays(s.codec_cache) for s in rows]
+        _set_codec_arrays(shared, [None if a[0] is None else mx.concatenate(a) for a in zip(*states)])
         codes = mx.stack([mx.stack(s.pending) for s in rows])  # (B, n, 37)
         wave = codec.decode(codes, cache=shared)
         mx.eval(wave, shared.state)
@@ -279,7 +279,7 @@ def stream_rows(model: Model, rows: Sequence[PreparedRow], *, batch_size: int | 
             yield index, response
 
 
-def _per_row(value, n: int, name: str) -> list:
+def per_row(value, n: int, name: str) -> list:
     """``value`` for each of n rows: a list or tuple of n values, else the one value repeated."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -297,11 +297,11 @@ def prepare_rows(model: Model, texts: Sequence[str], voices=DEFAULT_VOICE, *, se
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
     n = len(texts)
-    per_row = zip(texts, _per_row(voices, n, "voices"), _per_row(seeds, n, "seeds"),
-                  _per_row(noise, n, "noise"), _per_row(max_frames, n, "max_frames"),
-                  _per_row(cfg_alpha, n, "cfg_alpha"), _per_row(flow_steps, n, "flow_steps"))
+    values = zip(texts, per_row(voices, n, "voices"), per_row(seeds, n, "seeds"),
+                  per_row(noise, n, "noise"), per_row(max_frames, n, "max_frames"),
+                  per_row(cfg_alpha, n, "cfg_alpha"), per_row(flow_steps, n, "flow_steps"))
     rows = []
-    for i, (text, voice, seed, row_noise, frames, alpha, steps) in enumerate(per_row):
+    for i, (text, voice, seed, row_noise, frames, alpha, steps) in enumerate(values):
         try:
             rows.append(prepare_row(model, text, voice, seed=seed, noise=row_noise, max_frames=frames,
                                     cfg_alpha=alpha, flow_steps=steps, **kwargs))
@@ -378,6 +378,6 @@ def batch_generate(model: Model, texts: Sequence[str], voices: VoiceLike | Seque
 
 
 __all__ = [
-    "PreparedRow", "RowStream", "batch_generate", "prepare_row", "prepare_rows", "respond_all",
+    "PreparedRow", "RowStream", "batch_generate", "per_row", "prepare_row", "prepare_rows", "respond_all",
     "start_prefill", "stream_batch_generate", "stream_rows",
 ]

@@ -29,12 +29,12 @@ import os
 import re
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .batch_generation import stream_batch_generate
+from .batch_generation import per_row, stream_batch_generate
 from .generation import (
     DEFAULT_MAX_CHARS,
     DEFAULT_VOICE,
@@ -280,6 +280,61 @@ def crossfade(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a[: len(a) - n], mixed, b[n:]])
 
 
+class _Joiner:
+    """One text's piece responses (fed in piece order) → final chunks with the crossfades applied.
+
+    The last ``overlap`` samples of every piece but the last are held back until the next
+    piece's first audio exists (enough of it to cross them, or the whole piece if shorter).
+    """
+
+    def __init__(self, planned: list[tuple[str, int]], sample_rate: int, overlap: int, start: float):
+        self.pieces, self.sr, self.overlap, self.start = len(planned), sample_rate, overlap, start
+        self.prompt_tokens = sum(n for _, n in planned)
+        self.held = np.zeros(0, np.float32)  # the signal not yet yielded (the tail awaiting a crossfade)
+        self.emitted = self.frames_before = 0
+        self.capped: tuple[tuple[int, int], ...] = ()  # (piece, frame cap) of the pieces that stopped there
+        self.piece, self.joining, self.head, self.codes = -1, False, [], []
+
+    def feed(self, i: int, r: GenerationResponse) -> LongGenerationResponse | None:
+        """Take piece ``i``'s next response; the final chunk it completes, if any."""
+        if i != self.piece:  # the first response of the next piece
+            self.piece, self.joining, self.head, self.codes = i, i > 0, [], []
+        last_piece = i == self.pieces - 1
+        self.codes.append(r.codes)
+        if self.joining:  # gather enough of this piece's start to cross the held tail
+            self.head.append(r.audio)
+            if sum(map(len, self.head)) < len(self.held) and r.finish_reason is None:
+                return None
+            joined = np.concatenate(self.head)
+            self.held = crossfade(self.held, joined, min(len(self.held), len(joined)))
+            self.joining, self.head = False, []
+        else:
+            self.held = np.concatenate([self.held, r.audio]) if len(self.held) else r.audio
+        keep = 0 if last_piece else min(self.overlap, len(self.held))
+        audio, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        self.emitted += len(audio)
+        if r.finish_reason == "length":
+            self.capped += ((i, r.frame_cap),)
+        elapsed = time.perf_counter() - self.start
+        finish = ("length" if self.capped else "stop") if last_piece and r.finish_reason else None
+        out = LongGenerationResponse(
+            audio=audio, sample_rate=self.sr, codes=np.concatenate(self.codes), frames=self.frames_before + r.frames,
+            audio_seconds=self.emitted / self.sr, elapsed=elapsed,
+            real_time_factor=self.emitted / self.sr / elapsed if elapsed > 0 else 0.0,
+            peak_memory=r.peak_memory, finish_reason=finish, frame_cap=r.frame_cap,
+            piece=i, pieces=self.pieces, prompt_tokens=self.prompt_tokens, capped_pieces=self.capped,
+        )
+        self.codes = []
+        if r.finish_reason is not None:
+            self.frames_before += r.frames
+        return out
+
+
+def _check_crossfade(crossfade_ms) -> None:
+    if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, (int, float)) or not crossfade_ms >= 0:
+        raise ValueError(f"crossfade_ms must be >= 0, got {crossfade_ms!r}")
+
+
 def stream_generate_long(
     model: Model,
     text: str,
@@ -323,89 +378,115 @@ def stream_generate_long(
         ``LongGenerationResponse`` chunks whose audio concatenates to the final signal. Every
         piece and every option is checked before the first chunk (see ``plan_pieces``).
     """
-    if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, (int, float)) or not crossfade_ms >= 0:
-        raise ValueError(f"crossfade_ms must be >= 0, got {crossfade_ms!r}")
+    _check_crossfade(crossfade_ms)
     check_options(seed=seed, max_frames=max_frames, **{k: kwargs[k] for k in _OPTIONS if k in kwargs})
     check_int(batch_size, "batch_size", 1)
+    if batch_size > 1:
+        for _, r in stream_batch_generate_long(model, [text], voice, seeds=seed, max_chars=max_chars,
+                                               chunk_chars=chunk_chars, first_chunk_chars=first_chunk_chars,
+                                               crossfade_ms=crossfade_ms, max_frames=max_frames,
+                                               batch_size=batch_size, cancel=cancel, _name_rows=False, **kwargs):
+            yield r
+        return
     voice = select_voice(model, voice)  # once: a voice file is read once, not per piece
     planned = plan_pieces(model, text, voice, max_chars=max_chars, chunk_chars=chunk_chars,
                           first_chunk_chars=first_chunk_chars, max_frames=max_frames)
-    start = time.perf_counter()
     sr = model.config.sample_rate
-    overlap = int(round(crossfade_ms * sr / 1000))
-    prompt_tokens = sum(n for _, n in planned)
-    held = np.zeros(0, np.float32)  # the signal not yet yielded (the tail awaiting a crossfade)
-    emitted = frames_before = 0
-    capped: tuple[tuple[int, int], ...] = ()  # (piece, frame cap) of the pieces that stopped there
-    piece = -1
-    for i, r in _piece_responses(model, planned, voice, seed, max_frames, batch_size, cancel, kwargs):
-        if i != piece:  # the first response of the next piece
-            piece, last_piece = i, i == len(planned) - 1
-            joining, head, codes = i > 0, [], []
-        codes.append(r.codes)
-        if joining:  # gather enough of this piece's start to cross the held tail
-            head.append(r.audio)
-            if sum(map(len, head)) < len(held) and r.finish_reason is None:
-                continue
-            joined = np.concatenate(head)
-            held = crossfade(held, joined, min(len(held), len(joined)))
-            joining, head = False, []
-        else:
-            held = np.concatenate([held, r.audio]) if len(held) else r.audio
-        keep = 0 if last_piece else min(overlap, len(held))
-        audio, held = held[: len(held) - keep], held[len(held) - keep :]
-        emitted += len(audio)
-        if r.finish_reason == "length":
-            capped += ((i, r.frame_cap),)
-        elapsed = time.perf_counter() - start
-        finish = ("length" if capped else "stop") if last_piece and r.finish_reason else None
-        yield LongGenerationResponse(
-            audio=audio, sample_rate=sr, codes=np.concatenate(codes), frames=frames_before + r.frames,
-            audio_seconds=emitted / sr, elapsed=elapsed,
-            real_time_factor=emitted / sr / elapsed if elapsed > 0 else 0.0,
-            peak_memory=r.peak_memory, finish_reason=finish, frame_cap=r.frame_cap,
-            piece=i, pieces=len(planned), prompt_tokens=prompt_tokens, capped_pieces=capped,
-        )
-        codes = []
-        if r.finish_reason is not None:
-            frames_before += r.frames
+    joiner = _Joiner(planned, sr, int(round(crossfade_ms * sr / 1000)), time.perf_counter())
+    for i, (piece, _) in enumerate(planned):
+        if cancelled(cancel):
+            return
+        for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), max_frames=max_frames,
+                                 cancel=cancel, **kwargs):
+            if (out := joiner.feed(i, r)) is not None:
+                yield out
 
 
-def _piece_responses(model: Model, planned: list[tuple[str, int]], voice: SelectedVoice, seed: int | None,
-                     max_frames: int | None, batch_size: int, cancel, kwargs: dict) -> Iterator[tuple[int, GenerationResponse]]:
-    """``(piece index, response)`` of every piece, in piece order, each piece with ``chunk_seed``.
+def stream_batch_generate_long(
+    model: Model,
+    texts: Sequence[str],
+    voices=DEFAULT_VOICE,
+    *,
+    seeds=None,
+    max_chars: int | None = DEFAULT_MAX_CHARS,
+    chunk_chars: int = DEFAULT_CHUNK_CHARS,
+    first_chunk_chars: int | None = DEFAULT_FIRST_CHUNK_CHARS,
+    crossfade_ms: float = DEFAULT_CROSSFADE_MS,
+    max_frames: int | None = None,
+    batch_size: int = 4,
+    cancel=None,
+    _name_rows: bool = True,
+    **kwargs,
+) -> Iterator[tuple[int, LongGenerationResponse]]:
+    """Several texts of any length at once: yields ``(text index, LongGenerationResponse)``.
 
-    ``batch_size`` 1: ``stream_generate`` piece after piece. More: ``stream_batch_generate``
-    keeps that many pieces decoding at once (the next joins as one finishes); the chunks of the
-    piece being played are passed on as they come, later pieces' are held until their turn.
+    Every piece of every text goes through one ``stream_batch_generate`` (``batch_size`` pieces
+    decoding at a time, in text order, the next joining as one finishes); each text's chunks
+    come in its own order and are exactly those of ``stream_generate_long`` for that text alone
+    with the same voice and seed (a batch file of many utterances, one output per text).
+    ``voices`` and ``seeds`` are one value or one per text; the other options are as
+    ``stream_generate_long``'s, for every text. Every text is planned and checked before any
+    audio is made, errors naming the text ("texts[2]: …").
     """
-    if batch_size == 1:
-        for i, (piece, _) in enumerate(planned):
-            if cancelled(cancel):
-                return
-            for r in stream_generate(model, piece, voice, seed=chunk_seed(seed, i), max_frames=max_frames,
-                                     cancel=cancel, **kwargs):
-                yield i, r
-        return
-    later: dict[int, list[GenerationResponse]] = {}  # chunks of pieces whose turn has not come
-    playing = 0
-    for i, r in stream_batch_generate(model, [p for p, _ in planned], voice,
-                                      seeds=[chunk_seed(seed, i) for i in range(len(planned))],
-                                      max_frames=max_frames, batch_size=batch_size, cancel=cancel, **kwargs):
-        if i != playing:
-            later.setdefault(i, []).append(r)
+    _check_crossfade(crossfade_ms)
+    check_int(batch_size, "batch_size", 1)
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+    voices, seeds = per_row(voices, len(texts), "voices"), per_row(seeds, len(texts), "seeds")
+    check_options(max_frames=max_frames, **{k: kwargs[k] for k in _OPTIONS if k in kwargs})
+    plans = []
+    for t, (text, voice, seed) in enumerate(zip(texts, voices, seeds)):
+        try:
+            check_options(seed=seed)
+            voice = select_voice(model, voice)
+            plans.append((voice, seed, plan_pieces(model, text, voice, max_chars=max_chars, chunk_chars=chunk_chars,
+                                                   first_chunk_chars=first_chunk_chars, max_frames=max_frames)))
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise (type(e)(f"texts[{t}]: {e}") if _name_rows else e) from None
+    owner = [(t, i) for t, (_, _, planned) in enumerate(plans) for i in range(len(planned))]
+    sr = model.config.sample_rate
+    start = time.perf_counter()
+    joiners = [_Joiner(planned, sr, int(round(crossfade_ms * sr / 1000)), start) for _, _, planned in plans]
+    playing = [0] * len(plans)  # each text's piece whose chunks are passed on as they come
+    later: dict[tuple[int, int], list[GenerationResponse]] = {}  # chunks of pieces whose turn has not come
+    pieces = stream_batch_generate(
+        model, [p for _, _, planned in plans for p, _ in planned],
+        [voice for voice, _, planned in plans for _ in planned],
+        seeds=[chunk_seed(seed, i) for _, seed, planned in plans for i in range(len(planned))],
+        max_frames=max_frames, batch_size=batch_size, cancel=cancel, **kwargs)
+    for k, r in pieces:
+        t, i = owner[k]
+        if i != playing[t]:
+            later.setdefault((t, i), []).append(r)
             continue
-        yield i, r
-        while r.finish_reason is not None:  # this piece is done: pass on what the next one has
-            playing += 1
-            held = later.pop(playing, [])
-            for r in held:
-                yield playing, r
+        ready = [(i, r)]
+        while r.finish_reason is not None and playing[t] + 1 < len(plans[t][2]):
+            playing[t] += 1  # this piece is done: pass on what the next one has so far
+            held = later.pop((t, playing[t]), [])
+            ready += [(playing[t], h) for h in held]
             if not held:
                 break
+            r = held[-1]
+        for piece, response in ready:
+            if (out := joiners[t].feed(piece, response)) is not None:
+                yield t, out
 
 
 def generate_long(model: Model, text: str, voice: str | os.PathLike | Voice | SelectedVoice = DEFAULT_VOICE,
                   **kwargs) -> GenerationResult:
     """Speak text of any length in one go. Takes the keyword arguments of ``stream_generate_long``."""
     return collect(stream_generate_long(model, text, voice, **kwargs))
+
+
+def batch_generate_long(model: Model, texts: Sequence[str], voices=DEFAULT_VOICE, **kwargs) -> list[GenerationResult]:
+    """Several texts of any length at once, one ``GenerationResult`` per text in order (each equal
+    to ``generate_long`` of that text alone); takes ``stream_batch_generate_long``'s arguments.
+    To write each output as soon as its text is done, iterate ``stream_batch_generate_long`` and
+    ``collect`` each text's responses when one has ``finish_reason`` set."""
+    parts: dict[int, list[LongGenerationResponse]] = {i: [] for i in range(len(texts))}
+    for t, r in stream_batch_generate_long(model, texts, voices, **kwargs):
+        parts[t].append(r)
+    unfinished = [t for t, c in parts.items() if not c or c[-1].finish_reason is None]
+    if unfinished:
+        raise RuntimeError(f"cancelled before texts {unfinished} were finished")
+    return [collect(iter(parts[t])) for t in range(len(texts))]

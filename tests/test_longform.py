@@ -7,11 +7,13 @@ import pytest
 
 from mlx_speech import generate, stream_generate
 from mlx_speech.longform import (
+    batch_generate_long,
     chunk_seed,
     crossfade,
     generate_long,
     plan_pieces,
     split_text,
+    stream_batch_generate_long,
     stream_generate_long,
 )
 
@@ -215,6 +217,27 @@ def test_pieces_in_parallel_give_the_same_samples_in_order(model):
                                   generate_long(model, STORY, VOICE, **short).audio)
     with pytest.raises(ValueError, match="^batch_size must be"):
         next(stream_generate_long(model, STORY, VOICE, batch_size=0))
+
+
+def test_many_long_texts_at_once_each_equal_its_own_run(model):
+    """A batch file: every piece of every text through one batch, each text's chunks in its own
+    order and the same samples as that text alone."""
+    texts = [STORY, "One more text follows here. It has two sentences, both short.", "Short."]
+    kwargs = dict(chunk_chars=45, first_chunk_chars=30, chunk_frames=3, max_frames=12)
+    voices, seeds = ["casual_male", "neutral_female", "casual_male"], [2, 9, 4]
+    streamed = {t: [] for t in range(3)}
+    for t, r in stream_batch_generate_long(model, texts, voices, seeds=seeds, batch_size=3, **kwargs):
+        streamed[t].append(r)
+    for t, (text, voice, seed) in enumerate(zip(texts, voices, seeds)):
+        alone = list(stream_generate_long(model, text, voice, seed=seed, **kwargs))
+        assert [c.piece for c in streamed[t]] == [c.piece for c in alone]
+        np.testing.assert_array_equal(np.concatenate([c.audio for c in streamed[t]]),
+                                      np.concatenate([c.audio for c in alone]))
+        assert streamed[t][-1].finish_reason == alone[-1].finish_reason
+    results = batch_generate_long(model, texts[1:], voices[1:], seeds=seeds[1:], batch_size=2, **kwargs)
+    np.testing.assert_array_equal(results[0].audio, np.concatenate([c.audio for c in streamed[1]]))
+    with pytest.raises(ValueError, match=r"^texts\[1\]: text is empty"):
+        next(stream_batch_generate_long(model, [STORY, " "]))
 
 
 def test_same_seed_same_audio_other_seed_other_audio(model):
