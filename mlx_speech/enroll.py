@@ -65,12 +65,15 @@ class EnrollConfig:
         steps: total optimization steps (continuous + straight-through).
         continuous_fraction: share of ``steps`` spent on the continuous latent before the
             straight-through phase.
-        learning_rate: Adam step size of the continuous phase (semantic vectors are in units
-            of the codebook's RMS, acoustic values in FSQ units), cosine-decayed to a tenth.
+        learning_rate: Adam step size of the continuous phase (semantic vectors in units of a
+            power of two near the codebook's RMS, acoustic values in FSQ units), cosine-decayed
+            to a tenth.
         ste_learning_rate: the same for the straight-through phase.
         init_noise: standard deviation of the seeded random start around the codebook mean
             (semantic) and the middle FSQ level (acoustic).
-        checkpoint: recompute decoder activations in the backward pass (less memory, ~30 % slower).
+        checkpoint: recompute each decoder block's activations in the backward pass (less
+            memory, one more forward pass per step). Not needed: a 16 s clip at the real codec
+            size peaks far below 16 GB without it (benchmarks/bench_clone.py).
         loss: the spectral loss's settings.
     """
 
@@ -223,7 +226,7 @@ def compiled_step(space: LatentSpace, loss_fn: SpectralLoss, target: dict, param
     """
     optimizer = _adam(learning_rate, steps)
     optimizer.init(params)
-    best = {"loss": mx.array(math.inf), **{k: v for k, v in params.items()}}
+    best = {"loss": mx.array(math.inf), **params}
     latent_of = space.quantized if quantized else space.continuous
 
     def loss_of(p):
