@@ -21,6 +21,9 @@ DEFAULT_FLOW_STEPS = 7
 DEFAULT_FIRST_CHUNK_FRAMES = 1  # audio starts after the first frame (time to first audio)
 DEFAULT_CHUNK_FRAMES = 10
 DEFAULT_MAX_CHARS = 100_000  # about two hours of speech
+# Requests the server speaks at once (continuous batching). Measured on a 2-core CPU, batch 4
+# gives the most audio per second (benchmarks/bench_batch.py); a Mac's GPU gains more per row.
+DEFAULT_MAX_BATCH = 4
 # Prompt positions per backbone call while prefilling (mlx-lm's prefill_step_size): attention
 # scores are at most this × the positions so far, not prompt × prompt, and the KV cache is
 # evaluated between calls, so a long prompt costs time and memory in proportion to its length.

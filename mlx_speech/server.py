@@ -41,6 +41,7 @@ except ImportError as e:  # one hint, where the optional dependency is used
 
 from .server_guard import WILDCARD_HOSTS, HostPolicy, LocalOnly, error_response, timed_h11
 from .commands import add_version
+from .options import DEFAULT_MAX_BATCH
 from .signals import exit_status, graceful_signals
 from .speech_request import DEFAULT_MAX_CHARS, RequestError, parse_speech_request
 from .speech_response import JobResponse
@@ -198,6 +199,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help=f"refuse inputs longer than this (default: {DEFAULT_MAX_CHARS})")
     p.add_argument("--max-queue", type=_at_least_one, default=DEFAULT_MAX_QUEUE,
                    help=f"requests that may wait; more get 503 (default: {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--max-batch", type=_at_least_one, default=DEFAULT_MAX_BATCH,
+                   help="requests spoken at once through one batched step (continuous batching: a new "
+                        "request joins the others at the next frame after its own prefill; 1 speaks them "
+                        f"one at a time) (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-connections", type=_at_least_one, default=DEFAULT_MAX_CONNECTIONS,
                    help=f"open connections at once; requests on more get 503 (default: {DEFAULT_MAX_CONNECTIONS})")
     p.add_argument("--request-timeout", type=_seconds, default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.voices is not None and not Path(args.voices).expanduser().is_dir():
         print(f"error: --voices {args.voices}: no such folder", file=sys.stderr)
         raise SystemExit(2)
-    worker = Worker(args.model, max_queue=args.max_queue, max_chars=args.max_chars,
+    worker = Worker(args.model, max_queue=args.max_queue, max_chars=args.max_chars, max_batch=args.max_batch,
                     voices_dir=None if args.voices is None else str(Path(args.voices).expanduser()))
     status = 0
     with graceful_signals():  # SIGTERM and SIGHUP stop the server like Ctrl-C

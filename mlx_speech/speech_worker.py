@@ -1,8 +1,11 @@
 """The speech server's worker: one thread that does every MLX call, speaking queued jobs.
 
 The web side (``server.py``) hands it ``SpeechJob``s and reads each job's events from its own
-event loop; nothing here knows about HTTP. A job's ``cancel`` flag (a client that left, or the
-server stopping) ends its generation at the next prefill chunk or frame.
+event loop; nothing here knows about HTTP. Jobs wait in a bounded FIFO queue (503 when full) and
+are admitted, ``--max-batch`` at a time, into the continuous-batching scheduler
+(``speech_scheduler.BatchScheduler``), which speaks them together and posts each its chunks.
+A job's ``cancel`` flag (a client that left, or the server stopping) makes it leave at the next
+prefill chunk or frame.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .speech_request import DEFAULT_MAX_CHARS, RequestError, SpeechRequest
+from .options import DEFAULT_MAX_BATCH
 
 DEFAULT_MAX_QUEUE = 32
 
@@ -80,8 +82,9 @@ class Worker:
     """
 
     def __init__(self, model_path: str, max_queue: int = DEFAULT_MAX_QUEUE, max_chars: int = DEFAULT_MAX_CHARS,
-                 voices_dir: str | None = None):
+                 voices_dir: str | None = None, max_batch: int = DEFAULT_MAX_BATCH):
         self.model_path, self.max_chars, self.voices_dir = model_path, max_chars, voices_dir
+        self.max_batch = max_batch
         self.model = None
         self.custom_voices: list[str] = []  # names added from voices_dir
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -90,7 +93,7 @@ class Worker:
         self._counts_lock = threading.Lock()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
-        self._current: SpeechJob | None = None
+        self._scheduler = None  # set on the thread once the model is loaded
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
 
     # -- the model: replaced by tests' stub workers
@@ -102,17 +105,12 @@ class Worker:
             self.custom_voices = add_voice_folder(model, self.voices_dir)
         return model
 
-    def _generate(self, request: SpeechRequest, cancel: threading.Event):
-        """The job's ``LongGenerationResponse`` chunks; stops when ``cancel`` is set."""
-        import mlx.core as mx
+    def _make_scheduler(self):
+        """The model side of the loop: ``add(job)``, ``step()`` → outcomes, ``has_room``, ``idle``,
+        ``cancel_all()`` (tests put a stand-in model behind the same interface)."""
+        from .speech_scheduler import BatchScheduler
 
-        from .longform import stream_generate_long
-
-        try:
-            yield from stream_generate_long(self.model, request.input, request.voice, max_chars=self.max_chars,
-                                            cancel=cancel, **request.options)
-        finally:
-            mx.clear_cache()
+        return BatchScheduler(self.model, self.max_batch, self.max_chars)
 
     def check(self, request: SpeechRequest) -> None:
         """Raise ValueError for text the model cannot take (tokenizer only, no MLX work)."""
@@ -147,8 +145,8 @@ class Worker:
             if job is not None:
                 job.cancel.set()
                 self.count("cancelled")
-        if self._current is not None:
-            self._current.cancel.set()
+        if self._scheduler is not None:
+            self._scheduler.cancel_all()
         if self._thread.is_alive():
             self.jobs.put(None)
             self._thread.join(timeout)
@@ -175,44 +173,49 @@ class Worker:
         try:
             try:
                 self.model = self._load()
+                self._scheduler = self._make_scheduler()
             except BaseException as e:
                 self._load_error = e
                 return
             finally:
                 self._loaded.set()
-            while (job := self.jobs.get()) is not None:
-                self._serve(job)
+            self._loop(self._scheduler)
         finally:
             _release_mlx()
 
-    def _serve(self, job: SpeechJob) -> None:
+    def _loop(self, scheduler) -> None:
+        """Admit queued jobs while there is room (waiting only when nothing is being spoken),
+        step the scheduler, count who left; until ``stop`` and everyone has left."""
+        stopping = False
+        while not (stopping and scheduler.idle):
+            while not stopping and scheduler.has_room:
+                try:
+                    job = self.jobs.get(block=scheduler.idle)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                else:
+                    self._admit(scheduler, job)
+            if scheduler.idle:
+                continue
+            self.busy = True
+            try:
+                outcomes = scheduler.step()
+            except Exception as e:  # report it to every client being spoken to; serve the next ones
+                log.exception("generation failed")
+                outcomes = scheduler.fail_all(e)
+            self.busy = not scheduler.idle
+            for _job, outcome in outcomes:
+                self.count(outcome)
+
+    def _admit(self, scheduler, job: SpeechJob) -> None:
         if job.cancel.is_set():  # the client left while waiting
             self.count("cancelled")
             return
-        self.busy, self._current = True, job
         try:
-            outcome = self._speak(job)
-        except Exception as e:  # report it to the client; the worker serves the next job
+            scheduler.add(job)
+        except Exception as e:
             log.exception("generation failed")
             job.post("error", e)
-            outcome = "failed"
-        finally:
-            self.busy, self._current = False, None
-        self.count(outcome)
-
-    def _speak(self, job: SpeechJob) -> str:
-        chunks = self._generate(job.request, job.cancel)
-        try:
-            for chunk in chunks:
-                if job.cancel.is_set():
-                    break
-                if not np.isfinite(chunk.audio).all():  # never hand the encoders (or a client) NaN
-                    raise ValueError(f"the model produced non-finite audio at frame {chunk.frames}; "
-                                     "its weights or the voice may be damaged")
-                job.post("chunk", chunk)
-            if job.cancel.is_set():
-                return "cancelled"
-            job.post("end")
-            return "served"
-        finally:
-            chunks.close()
+            self.count("failed")

@@ -47,16 +47,59 @@ def chunk_audio(i: int) -> np.ndarray:
     return (np.sin(np.arange(SPF) * 0.05 * (i + 1)) * 0.4).astype(np.float32)
 
 
+class StubScheduler:
+    """The scheduler's interface (``speech_scheduler.BatchScheduler``) over the stand-in model:
+    each step hands every job its next chunk from ``StubWorker._generate``."""
+
+    def __init__(self, worker: "StubWorker"):
+        self.worker, self.active = worker, []
+
+    has_room = property(lambda self: len(self.active) < self.worker.max_batch)
+    idle = property(lambda self: not self.active)
+
+    def add(self, job) -> None:
+        self.active.append((job, self.worker._generate(job.request, job.cancel)))
+
+    def step(self):
+        outcomes = []
+        for job, chunks in list(self.active):
+            if job.cancel.is_set():
+                outcome = "cancelled"
+            else:
+                try:
+                    job.post("chunk", next(chunks))
+                    continue
+                except StopIteration:
+                    job.post("end")
+                    outcome = "served"
+                except RuntimeError as e:
+                    job.post("error", e)
+                    outcome = "failed"
+            self.active.remove((job, chunks))
+            outcomes.append((job, outcome))
+        return outcomes
+
+    def fail_all(self, error):
+        raise AssertionError("the stand-in scheduler never raises from step")
+
+    def cancel_all(self) -> None:
+        for job, _ in self.active:
+            job.cancel.set()
+
+
 class StubWorker(Worker):
     """The real worker thread, queue and counts over a stand-in model: CHUNKS chunks of known
     audio, raising RuntimeError at chunk ``fail_at`` (None: never)."""
 
     def __init__(self, fail_at: int | None = None):
-        super().__init__("stub-model", max_queue=4, max_chars=100)
+        super().__init__("stub-model", max_queue=4, max_chars=100, max_batch=1)
         self.fail_at = fail_at
 
     def _load(self):
         return SimpleNamespace(voices=[VOICE, "neutral_female"], config=SimpleNamespace(sample_rate=SR))
+
+    def _make_scheduler(self):
+        return StubScheduler(self)
 
     def check(self, request) -> None:
         pass
