@@ -3,8 +3,9 @@
 ``python -m mlx_speech.generate --batch lines.jsonl --output-dir out/`` reads one utterance per
 line — a JSON object (``{"text": "...", "voice": "fr_female", "seed": 3, "output": "a.wav"}``;
 only ``text`` is required) or, in a file that is not JSON lines, the line's plain text — and
-speaks them ``--batch-size`` at a time through one batched decode loop
-(``batch_generation.stream_batch_generate``), each into its own file as its chunks come: the
+speaks them ``--batch-size`` pieces at a time through one batched decode loop
+(``longform.stream_batch_generate_long``: a line of any length is split and crossfaded as
+``--file`` text is), each into its own file as its chunks come: the
 line's ``output`` (inside ``--output-dir`` when relative), else ``NNNN.<--format>`` numbered by
 line. Every line is checked before the model loads (text, voice, seed, output path), errors
 naming the line. Audiobook users of other ports had to write this themselves.
@@ -139,7 +140,7 @@ def speak_batch(model, lines: list[BatchLine], args, progress) -> int:
     spoken as valid partial files; lines not started get no file.
     """
     from .audio_io import AudioFileWriter
-    from .batch_generation import stream_batch_generate
+    from .longform import stream_batch_generate_long
     from .signals import exit_status
     from .voice_select import select_voice
 
@@ -155,10 +156,11 @@ def speak_batch(model, lines: list[BatchLine], args, progress) -> int:
     done = 0
     start = time.perf_counter()
     try:
-        for i, r in stream_batch_generate(model, [line.text for line in lines], [voices[line.voice] for line in lines],
-                                          seeds=[line.seed for line in lines], max_frames=args.max_frames,
-                                          batch_size=args.batch_size, cfg_alpha=args.cfg_alpha,
-                                          flow_steps=args.flow_steps):
+        texts, line_voices = [line.text for line in lines], [voices[line.voice] for line in lines]
+        for i, r in stream_batch_generate_long(model, texts, line_voices, seeds=[line.seed for line in lines],
+                                               max_chars=args.max_chars, max_frames=args.max_frames,
+                                               batch_size=args.batch_size, cfg_alpha=args.cfg_alpha,
+                                               flow_steps=args.flow_steps):
             writer = writers.get(i)
             if writer is None:
                 writer = writers[i] = AudioFileWriter(lines[i].output, sr)
@@ -166,7 +168,7 @@ def speak_batch(model, lines: list[BatchLine], args, progress) -> int:
             if r.finish_reason is not None:
                 writer.close()
                 done += 1
-                cut = " (stopped at its frame cap)" if r.finish_reason == "length" else ""
+                cut = " (stopped at a frame cap)" if r.finish_reason == "length" else ""
                 progress.line(f"line {lines[i].number}: {r.audio_seconds:.2f} s -> {lines[i].output}{cut} "
                               f"[{done}/{len(lines)}]")
     except KeyboardInterrupt as e:

@@ -14,6 +14,7 @@ import soundfile as sf
 from conftest import REPO
 
 from mlx_speech import generate
+from mlx_speech.longform import generate_long
 
 MLX_IMPORT = re.compile(r"\|\s+mlx\.core$", re.M)
 PCM_STEP = 1 / 32767 + 1e-6  # 16-bit files
@@ -39,6 +40,18 @@ def test_jsonl_lines_each_speak_like_generate_alone(tiny_mlx, model, tmp_path):
         assert sr == 24000 and len(audio) == len(ref.audio)
         np.testing.assert_allclose(audio, np.clip(ref.audio, -1, 1), atol=PCM_STEP)
     assert "line 2: 0.48 s" in r.stderr and "[3/3]" in r.stderr
+
+
+def test_a_long_line_is_split_and_crossfaded_like_file_text(tiny_mlx, model, tmp_path):
+    long = " ".join(f"Sentence number {i} is here." for i in range(30))
+    batch = tmp_path / "long.jsonl"
+    batch.write_text(json.dumps({"text": long, "seed": 5}) + "\n" + json.dumps({"text": "Short.", "seed": 1}) + "\n")
+    r = run("--model", tiny_mlx, "--batch", batch, "--output-dir", tmp_path, "--max-frames", 4, "--voice", "casual_male")
+    assert r.returncode == 0, r.stderr
+    ref = generate_long(model, long, "casual_male", seed=5, max_frames=4)
+    assert ref.audio.shape[0] > 2 * 4 * 1920  # several pieces
+    np.testing.assert_allclose(sf.read(tmp_path / "0001.wav", dtype="float32")[0], np.clip(ref.audio, -1, 1),
+                               atol=PCM_STEP)
 
 
 def test_plain_text_lines_get_numbered_files(tiny_mlx, tmp_path):
