@@ -306,6 +306,23 @@ def _read_safetensors_voice(f: Path, dim: int, rows: int | None) -> mx.array:
     return emb
 
 
+# Rows dequantized per evaluation: MLX's CPU dequantize of the whole 131072-row text embedding
+# needed 4 GB of temporaries for a 0.8 GB result (benchmarks/bench_first_use.py); in blocks the
+# temporaries are a block's.
+DEQUANTIZE_ROWS = 8192
+
+
+def _dequantize_rows(w, scales, biases, group_size: int, bits: int, dtype) -> mx.array:
+    """``mx.dequantize`` of a quantized layer, cast to ``dtype``, a block of rows at a time."""
+    blocks = []
+    for start in range(0, w.shape[0], DEQUANTIZE_ROWS):
+        rows = slice(start, start + DEQUANTIZE_ROWS)
+        block = mx.dequantize(w[rows], scales[rows], biases[rows], group_size=group_size, bits=bits).astype(dtype)
+        mx.eval(block)
+        blocks.append(block)
+    return mx.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
 def read_mlx_audio_pack(path: str | Path, voice_rows: dict[str, int] | None = None) -> MlxAudioPack:
     """Read a folder in mlx-audio's Voxtral layout onto our model, once.
 
@@ -352,13 +369,13 @@ def read_mlx_audio_pack(path: str | Path, voice_rows: dict[str, int] | None = No
     weights.update({_CODEC + k: v for k, v in sanitize_codec(codec).items()})
 
     recipe, kept, dequantized = split_quantized(quantized, expected, q)
+    dtype = weights["backbone.norm.weight"].dtype
     for layer in dequantized:
-        w = mx.dequantize(weights.pop(layer + ".weight"), weights.pop(layer + ".scales"),
-                          weights.pop(layer + ".biases"), group_size=q["group_size"], bits=q["bits"])
-        weights[layer + ".weight"] = w
+        parts = [weights.pop(layer + suffix) for suffix in (".weight", ".scales", ".biases")]
+        weights[layer + ".weight"] = _dequantize_rows(*parts, q["group_size"], q["bits"],
+                                                      mx.float32 if layer + ".weight" in FLOAT32_KEYS else dtype)
     # Our converter's cast: every float tensor in the pack's dtype (the codec's folded weights
     # come out of sanitize_codec in float32), except the semantic head and codebook, float32 (T9).
-    dtype = weights["backbone.norm.weight"].dtype
     weights = {k: v.astype(mx.float32 if k in FLOAT32_KEYS else dtype)
                if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     quantization = recipe if kept else None
