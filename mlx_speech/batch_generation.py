@@ -14,6 +14,21 @@ batching builds on them):
   when their streaming states line up (same chunk length and history), else one by one.
 - ``stream_rows``: the driver joining them; rows join when a slot frees (``batch_size``).
 
+A continuous-batching scheduler (requests join and leave while others speak) is a loop over
+the same pieces::
+
+    decoder = FrameDecoder(model)
+    # a request arrives: row = prepare_row(...); run = start_prefill(model, row, cancel=...)
+    # each iteration: run.advance() one chunk of the oldest pending prefill; once it returns
+    #   True and len(decoder) < max_batch: decoder.add(key, run.cache, run.hidden,
+    #   frame_cap=row.frame_cap, seed=row.seed, noise=row.noise, cfg_alpha=row.cfg_alpha,
+    #   flow_steps=row.flow_steps); streams[key] = RowStream(model, row, request_start)
+    # a client leaves: decoder.remove(key)
+    # frames = decoder.step(): push each frame's codes to its stream; the due ones (a full
+    #   chunk, or finish_reason set) go through respond_all(...) to their clients
+
+(for long text, one row per piece and ``longform.PieceJoiner`` per request for the crossfades).
+
 ``stream_generate`` is ``stream_rows`` with one row, so a single utterance and a batch take the
 same path, and batching never changes what a row says: per row the noise is its own seed's key
 splits, and the merged KV cache, the batched flow solve and the batched codec give every row the

@@ -280,11 +280,19 @@ def crossfade(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a[: len(a) - n], mixed, b[n:]])
 
 
-class _Joiner:
+class PieceJoiner:
     """One text's piece responses (fed in piece order) → final chunks with the crossfades applied.
 
     The last ``overlap`` samples of every piece but the last are held back until the next
     piece's first audio exists (enough of it to cross them, or the whole piece if shorter).
+    ``stream_generate_long`` feeds it piece after piece; a scheduler that batches the pieces of
+    many requests keeps one per request and feeds it each piece's responses in piece order.
+
+    Args:
+        planned: the text's pieces, ``plan_pieces``'s result.
+        sample_rate: samples per second.
+        overlap: crossfade length in samples (``round(crossfade_ms · sample_rate / 1000)``).
+        start: ``time.perf_counter()`` at the request's start (for ``elapsed``).
     """
 
     def __init__(self, planned: list[tuple[str, int]], sample_rate: int, overlap: int, start: float):
@@ -392,7 +400,7 @@ def stream_generate_long(
     planned = plan_pieces(model, text, voice, max_chars=max_chars, chunk_chars=chunk_chars,
                           first_chunk_chars=first_chunk_chars, max_frames=max_frames)
     sr = model.config.sample_rate
-    joiner = _Joiner(planned, sr, int(round(crossfade_ms * sr / 1000)), time.perf_counter())
+    joiner = PieceJoiner(planned, sr, int(round(crossfade_ms * sr / 1000)), time.perf_counter())
     for i, (piece, _) in enumerate(planned):
         if cancelled(cancel):
             return
@@ -446,7 +454,7 @@ def stream_batch_generate_long(
     owner = [(t, i) for t, (_, _, planned) in enumerate(plans) for i in range(len(planned))]
     sr = model.config.sample_rate
     start = time.perf_counter()
-    joiners = [_Joiner(planned, sr, int(round(crossfade_ms * sr / 1000)), start) for _, _, planned in plans]
+    joiners = [PieceJoiner(planned, sr, int(round(crossfade_ms * sr / 1000)), start) for _, _, planned in plans]
     playing = [0] * len(plans)  # each text's piece whose chunks are passed on as they come
     later: dict[tuple[int, int], list[GenerationResponse]] = {}  # chunks of pieces whose turn has not come
     pieces = stream_batch_generate(
