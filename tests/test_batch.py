@@ -163,6 +163,33 @@ def test_decoder_rows_join_mid_batch_and_leave_without_changing_the_others(model
         np.testing.assert_array_equal(np.stack(got[key]), expected[key][:n])
 
 
+def test_a_short_row_joining_a_long_running_one_equals_its_solo_run(model, monkeypatch):
+    """The joining row is left-padded to the running row's 40 frames of history; when the long
+    row leaves, the padding is trimmed; the short row's codes stay its own throughout."""
+    import mlx_speech.generation as generation
+
+    monkeypatch.setattr(generation, "END_AUDIO", -1)  # neither row may end early
+
+    def alone(text, voice, seed, frames):
+        ids = model.tokenizer.encode_speech(text, voice)
+        emb = model.prompt_embeddings(mx.array(ids), model.voice(voice))
+        return np.array(mx.stack(list(generate_step(model, emb, max_frames=frames, seed=seed))))
+
+    long_text, short_text = "A long running utterance goes first.", "Hi."
+    decoder = FrameDecoder(model)
+    decoder.add("long", *prefilled(model, long_text, "neutral_female"), frame_cap=45, seed=3)
+    got = {"long": [], "short": []}
+    step = 0
+    while len(decoder):
+        if step == 40:
+            decoder.add("short", *prefilled(model, short_text, "casual_male"), frame_cap=12, seed=4)
+        for frame in decoder.step():
+            got[frame.key].append(np.array(frame.codes))
+        step += 1
+    np.testing.assert_array_equal(np.stack(got["long"]), alone(long_text, "neutral_female", 3, 45))
+    np.testing.assert_array_equal(np.stack(got["short"]), alone(short_text, "casual_male", 4, 12))
+
+
 def test_chunked_prefill_one_chunk_per_call_equals_prefill(model):
     ids = model.tokenizer.encode_speech(GOLDEN_TEXT, GOLDEN_VOICE)
     emb = model.prompt_embeddings(mx.array(ids), model.voice(GOLDEN_VOICE))
