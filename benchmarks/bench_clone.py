@@ -31,7 +31,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_generate import backend_info, machine_info, software_info  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from random_weights import POOL_SIZE, _init  # noqa: E402
+from random_weights import POOL_SIZE, random_tensor  # noqa: E402
 
 from mlx_speech.checkpoint import expected_tensors  # noqa: E402
 from mlx_speech.codec import Codec, sanitize_codec  # noqa: E402
@@ -72,7 +72,7 @@ def random_codec(config: ModelConfig, dtype: mx.Dtype, seed: int = 0) -> Codec:
     for name, shape in sorted(expected_tensors(config).items()):
         offset = int(rng.integers(POOL_SIZE))  # drawn for every tensor, as random_release_weights does
         if name.startswith(PREFIX):
-            raw[name[len(PREFIX):]] = _init(name, shape, mx.float32, pool, offset)
+            raw[name[len(PREFIX):]] = random_tensor(name, shape, mx.float32, pool, offset)
     weights = {k: v if PREFIX + k in FLOAT32_KEYS else v.astype(dtype) for k, v in sanitize_codec(raw).items()}
     codec = Codec(config.codec)
     codec.load_weights(list(weights.items()), strict=True)

@@ -39,7 +39,7 @@ def _normal(pool: mx.array, shape: tuple[int, ...], offset: int, dtype: mx.Dtype
     return flat[:n].reshape(shape).astype(dtype)
 
 
-def _init(name: str, shape: tuple[int, ...], dtype: mx.Dtype, pool: mx.array, offset: int) -> mx.array:
+def random_tensor(name: str, shape: tuple[int, ...], dtype: mx.Dtype, pool: mx.array, offset: int) -> mx.array:
     """One tensor: norms and gains 1, LayerScale 0.01, matrices N(0, 1/fan_in)."""
     leaf = name.rsplit(".", 1)[-1]
     if name.endswith(("norm.weight", ".original0", "cluster_usage")):
@@ -64,7 +64,7 @@ def random_release_weights(config: ModelConfig, dtype: mx.Dtype, seed: int = 0) 
     pool = mx.array(rng.standard_normal(POOL_SIZE, dtype=np.float32))
     weights = {}
     for name, shape in sorted(expected_tensors(config).items()):
-        w = _init(name, shape, dtype, pool, int(rng.integers(POOL_SIZE)))
+        w = random_tensor(name, shape, dtype, pool, int(rng.integers(POOL_SIZE)))
         if name == SEMANTIC_HEAD:
             w[END_AUDIO_ROW] = 0
         weights[name] = w

@@ -24,7 +24,7 @@ DEFAULT_MAX_CHARS = 100_000  # about two hours of speech
 # Requests the server speaks at once (continuous batching). On a Mac's GPU a decode step is bound
 # by reading the weights until 10-15 rows (benchmarks/README.md, "bench_batch.py"), so 4 rows cost
 # about one row's time and the fourth client does not wait; on MLX's CPU backend a row costs its
-# FLOPs (4 rows: 0.99x the audio per second of 1, 8 rows: 1.32x, measured), so there batching
+# FLOPs (4 rows: 1.21x the audio per second of 1, 8 rows: 1.32x, measured), so there batching
 # only shares the waiting.
 DEFAULT_MAX_BATCH = 4
 # Prompt positions per backbone call while prefilling (mlx-lm's prefill_step_size): attention
