@@ -33,7 +33,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # run from anywhere without installing
 
 import mlx.core as mx  # noqa: E402
-from mlx_lm.models.cache import BatchKVCache, KVCache  # noqa: E402
+from mlx_lm.models.cache import KVCache  # noqa: E402
 
 from bench_generate import DTYPES, FRAME_MS, _round, backend_info, log, machine_info, software_info, timed  # noqa: E402
 from mlx_speech.batch_generation import PreparedRow, RowStream, respond_all  # noqa: E402
