@@ -14,12 +14,11 @@ naming the line. Audiobook users of other ports had to write this themselves.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli_checks import CLIError, check_voice, local_model_folder, preset_names
+from .cli_checks import CLIError, check_voice, local_model_folder, preset_names, read_input
 from .options import check_options, check_text
 
 BATCH_FORMATS = ("wav", "flac", "ogg")
@@ -113,18 +112,7 @@ def read_batch(args, text: str) -> list[BatchLine]:
 def read_batch_source(args) -> list[BatchLine]:
     """``--batch FILE`` (``-``: standard input), read bounded and checked."""
     limit = 4 * args.max_chars * 16 + 1  # bounded like --file; a batch may hold many texts
-    try:
-        if args.batch == "-":
-            data = sys.stdin.buffer.read(limit)
-        else:
-            with open(args.batch, "rb") as f:
-                data = f.read(limit)
-    except FileNotFoundError:
-        raise CLIError(f"--batch: file {args.batch!r} does not exist") from None
-    except IsADirectoryError:
-        raise CLIError(f"--batch: {args.batch!r} is a folder, not a file") from None
-    except OSError as e:
-        raise CLIError(f"--batch: {args.batch!r} cannot be read: {e.strerror or e}") from None
+    data = read_input(args.batch, limit, "--batch")
     if len(data) >= limit:
         raise CLIError(f"--batch: the file is over {limit - 1} bytes; split it")
     try:

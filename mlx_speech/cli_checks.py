@@ -62,15 +62,19 @@ def _read_bounded(f, limit: int, block: int = 1 << 20) -> bytes:
     return b"".join(parts)
 
 
-def _read_file(name: str, limit: int) -> bytes:
-    what = f"--file: text file {name!r}"
+def read_input(name: str, limit: int, option: str = "--file") -> bytes:
+    """At most ``limit`` bytes of the file ``option`` names (``-``: standard input), read in blocks;
+    a missing, unreadable or folder path is one CLIError naming the option."""
+    if name == "-":
+        return _read_bounded(sys.stdin.buffer, limit)
+    what = f"{option}: text file {name!r}"
     try:
         with open(name, "rb") as f:
             return _read_bounded(f, limit)
     except FileNotFoundError:
         raise CLIError(f"{what} does not exist") from None
     except IsADirectoryError:
-        raise CLIError(f"--file: {name!r} is a folder, not a text file") from None
+        raise CLIError(f"{option}: {name!r} is a folder, not a text file") from None
     except OSError as e:
         raise CLIError(f"{what} cannot be read: {e.strerror or e}") from None
 
@@ -81,7 +85,7 @@ def read_text(args) -> str:
     if args.text is not None:
         text = args.text
     elif args.file is not None:
-        text = _decode(_read_file(args.file, limit), f"--file: text file {args.file!r}", args.max_chars)
+        text = _decode(read_input(args.file, limit), f"--file: text file {args.file!r}", args.max_chars)
     elif sys.stdin is not None and not sys.stdin.isatty():
         text = _decode(_read_bounded(sys.stdin.buffer, limit), "standard input", args.max_chars)
     else:
