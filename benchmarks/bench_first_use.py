@@ -57,19 +57,14 @@ sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # run from anywhere without inst
 
 import numpy as np
 
+from mlx_speech.voices import PRESET_ROWS as VOICE_ROWS  # noqa: E402
+
 DEFAULT_PARAMS = _HERE.parent / "tests" / "data" / "params_real.json"
 RELEASE_REPO = "bench/Voxtral-4B-TTS-2603"
 PACK_REPO = "bench/Voxtral-4B-TTS-2603-mlx-4bit"
 PACK_BITS, PACK_GROUP = 4, 64
 RESULT_MARK = "FIRST_USE_RESULT "  # a child's last stdout line: its figures as JSON
 
-# Real Voxtral-4B-TTS-2603 voices and [AUDIO] rows, in tekken.json order (spec §4.4).
-VOICE_ROWS = {
-    "casual_female": 214, "casual_male": 147, "cheerful_female": 132, "neutral_female": 218,
-    "neutral_male": 169, "pt_male": 144, "pt_female": 175, "nl_male": 138, "nl_female": 146,
-    "it_male": 168, "it_female": 172, "fr_male": 97, "fr_female": 97, "es_male": 208,
-    "es_female": 138, "de_male": 163, "de_female": 147, "ar_male": 67, "hi_male": 94, "hi_female": 86,
-}
 CONTROL_TOKENS = [
     "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
     "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",

@@ -19,6 +19,15 @@ _LANGUAGES = {
 }
 _ENGLISH_STYLES = ("casual", "cheerful", "neutral")
 
+# The release's 20 presets and their rows ([AUDIO] slots = frames of reference audio + the END
+# row), in tekken.json order (spec §4.4): what a full-size tekken.json's audio section lists.
+PRESET_ROWS = {
+    "casual_female": 214, "casual_male": 147, "cheerful_female": 132, "neutral_female": 218,
+    "neutral_male": 169, "pt_male": 144, "pt_female": 175, "nl_male": 138, "nl_female": 146,
+    "it_male": 168, "it_female": 172, "fr_male": 97, "fr_female": 97, "es_male": 208,
+    "es_female": 138, "de_male": 163, "de_female": 147, "ar_male": 67, "hi_male": 94, "hi_female": 86,
+}
+
 
 def voice_info(name: str) -> tuple[str, str]:
     """(language, gender) of a preset from its name, e.g. ``fr_male`` → ("French", "male").

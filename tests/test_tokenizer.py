@@ -11,17 +11,10 @@ from conftest import GOLDEN
 
 from mlx_speech.errors import CheckpointError
 from mlx_speech.tokenizer import Tokenizer
+from mlx_speech.voices import PRESET_ROWS as VOICE_NUM_AUDIO_TOKENS  # the real presets (spec §4.4)
 
 TINY_TEKKEN = GOLDEN / "tiny-voxtral" / "tekken.json"
 
-
-# Real Voxtral-4B-TTS-2603 voices and [AUDIO] counts, in tekken.json order (spec §4.4).
-VOICE_NUM_AUDIO_TOKENS = {
-    "casual_female": 214, "casual_male": 147, "cheerful_female": 132, "neutral_female": 218,
-    "neutral_male": 169, "pt_male": 144, "pt_female": 175, "nl_male": 138, "nl_female": 146,
-    "it_male": 168, "it_female": 172, "fr_male": 97, "fr_female": 97, "es_male": 208,
-    "es_female": 138, "de_male": 163, "de_female": 147, "ar_male": 67, "hi_male": 94, "hi_female": 86,
-}
 
 CONTROL_TOKENS = [
     "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
