@@ -37,9 +37,9 @@ from mlx_lm.models.cache import KVCache  # noqa: E402
 
 from bench_generate import DTYPES, FRAME_MS, _round, backend_info, log, machine_info, software_info, timed  # noqa: E402
 from mlx_speech.batch_generation import PreparedRow, RowStream, respond_all  # noqa: E402
-from mlx_speech.generation import (  # noqa: E402
-    DEFAULT_CFG_ALPHA, DEFAULT_CHUNK_FRAMES, DEFAULT_FLOW_STEPS, END_AUDIO, FrameDecoder,
-)
+from mlx_speech.acoustic import END_AUDIO  # noqa: E402
+from mlx_speech.frame_decoder import FrameDecoder  # noqa: E402
+from mlx_speech.options import DEFAULT_CFG_ALPHA, DEFAULT_CHUNK_FRAMES, DEFAULT_FLOW_STEPS  # noqa: E402
 from mlx_speech.model import ModelConfig  # noqa: E402
 from random_weights import build_ours, parameter_bytes  # noqa: E402
 

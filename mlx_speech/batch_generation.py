@@ -8,7 +8,7 @@ batching builds on them):
   noise), no MLX work; every row of a batch is checked before any is generated.
 - ``start_prefill``: its backbone KV state, from the voice-prefix cache plus a ``ChunkedPrefill``
   of the rest, which a scheduler can advance one chunk between two decode steps.
-- ``generation.FrameDecoder``: the decode loop (rows in, one frame per row per step, rows out).
+- ``frame_decoder.FrameDecoder``: the decode loop (rows in, one frame per row per step, rows out).
 - ``RowStream``: a row's frames → audio chunks (``GenerationResponse``), with its own codec
   streaming state; ``respond_all`` decodes the due chunks of several rows in one codec call
   when their streaming states line up (same chunk length and history), else one by one.
@@ -54,13 +54,12 @@ from .generation import (
     DEFAULT_FLOW_STEPS,
     DEFAULT_PREFILL_STEP,
     DEFAULT_VOICE,
-    FrameDecoder,
     GenerationResponse,
     GenerationResult,
     _check_request,
-    check_noise,
     collect,
 )
+from .frame_decoder import FrameDecoder, check_noise
 from .model import Model
 from .options import check_int
 from .prompt_cache import ChunkedPrefill, cancelled

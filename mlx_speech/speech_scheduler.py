@@ -1,7 +1,7 @@
 """Continuous batching for the speech server: who joins, who leaves, and each client's chunks.
 
 The server's worker thread owns one ``BatchScheduler``. Requests are spoken through one
-``generation.FrameDecoder`` — at most ``max_batch`` rows, one per request speaking — so a request
+``frame_decoder.FrameDecoder`` — at most ``max_batch`` rows, one per request speaking — so a request
 that arrives while others speak joins at the next frame boundary after its own prefill, instead
 of waiting for them to finish. Its prefill runs one chunk (``prefill_step_size`` positions)
 between two decode steps of the running rows, so a long new prompt stalls them for one chunk at
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batch_generation import PreparedRow, RowStream, prepare_row, respond_all, start_prefill
-from .generation import FrameDecoder
+from .frame_decoder import FrameDecoder
 from .longform import DEFAULT_CROSSFADE_MS, PieceJoiner, chunk_seed, plan_pieces
 from .options import DEFAULT_MAX_BATCH
 from .prompt_cache import ChunkedPrefill

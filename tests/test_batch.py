@@ -17,7 +17,8 @@ from conftest import assert_close
 
 from mlx_speech import batch_generate, generate, stream_batch_generate
 from mlx_speech.codec import Codec
-from mlx_speech.generation import FrameDecoder, generate_step
+from mlx_speech.frame_decoder import FrameDecoder
+from mlx_speech.generation import generate_step
 from mlx_speech.prompt_cache import ChunkedPrefill, prefill
 from mlx_speech.voice_file import Voice
 
