@@ -167,9 +167,9 @@ def test_decoder_rows_join_mid_batch_and_leave_without_changing_the_others(model
 def test_a_short_row_joining_a_long_running_one_equals_its_solo_run(model, monkeypatch):
     """The joining row is left-padded to the running row's 40 frames of history; when the long
     row leaves, the padding is trimmed; the short row's codes stay its own throughout."""
-    import mlx_speech.generation as generation
+    import mlx_speech.frame_decoder as frame_decoder
 
-    monkeypatch.setattr(generation, "END_AUDIO", -1)  # neither row may end early
+    monkeypatch.setattr(frame_decoder, "END_AUDIO", -1)  # neither row may end early
 
     def alone(text, voice, seed, frames):
         ids = model.tokenizer.encode_speech(text, voice)

@@ -230,9 +230,9 @@ def test_long_text_without_spaces_is_bounded_work(model, backbone_calls, text):
 def never_ends(monkeypatch):
     """A model that misses its END frame: the loop no longer recognizes END_AUDIO (the END code
     itself is a valid index, so the frames go on as a runaway model's would)."""
-    import mlx_speech.generation as generation
+    import mlx_speech.frame_decoder as frame_decoder
 
-    monkeypatch.setattr(generation, "END_AUDIO", -1)
+    monkeypatch.setattr(frame_decoder, "END_AUDIO", -1)
 
 
 def text_tokens_of(model, text: str) -> int:
