@@ -12,10 +12,10 @@ from mlx_speech.longform import (
     crossfade,
     generate_long,
     plan_pieces,
-    split_text,
     stream_batch_generate_long,
     stream_generate_long,
 )
+from mlx_speech.text_split import split_text
 
 VOICE = "casual_male"
 TEXT = "Hello world, this is a test."
