@@ -15,7 +15,7 @@ from pathlib import Path
 from .model_layout import detect_layout, preset_voice_files
 from .model_source import looks_like_hub_id
 from .options import check_int, check_options, check_text
-from .voices import looks_like_voice_file, user_voice_dir, user_voice_files
+from .voices import looks_like_voice_file, unknown_voice_message, user_voice_files
 
 
 class CLIError(Exception):
@@ -127,12 +127,12 @@ def check_voice(voice: str, presets: list[str] | None) -> None:
         if not path.is_file():
             raise CLIError(f"--voice {voice}: no such voice file")
         return
-    if presets is None or voice in presets or voice in user_voice_files():
+    if presets is None or voice in presets:
         return
-    custom = list(user_voice_files())
-    extra = f"; custom voices in {user_voice_dir()}: {', '.join(custom)}" if custom else ""
-    raise CLIError(f"--voice: unknown voice {voice!r}; choose one of: {', '.join(presets)}{extra}, "
-                   "or give a voice file (.safetensors)")
+    custom = user_voice_files()
+    if voice in custom:
+        return
+    raise CLIError(f"--voice: {unknown_voice_message(voice, presets, custom)}")
 
 
 def _device(arg: str | None):

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .voice_file import Voice, check_voice_embedding
-from .voices import looks_like_voice_file, user_voice_dir, user_voice_files
+from .voices import looks_like_voice_file, unknown_voice_message, user_voice_files
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,7 @@ def select_voice(model, voice) -> SelectedVoice:
         custom = user_voice_files()
         if voice in custom:
             return _custom(model, Voice.load(custom[voice], dim), custom[voice])
-        extra = f"; custom voices in {user_voice_dir()}: {', '.join(custom)}" if custom else ""
-        raise ValueError(f"unknown voice {voice!r}; choose one of: {', '.join(model.voices)}{extra}, "
-                         "or give a voice file (.safetensors)")
+        raise ValueError(unknown_voice_message(voice, model.voices, custom))
     raise TypeError(f"voice must be a name, a path or a Voice, got {type(voice).__name__}")
 
 

@@ -72,3 +72,11 @@ def looks_like_voice_file(voice: str | os.PathLike) -> bool:
     if isinstance(voice, os.PathLike):
         return True
     return isinstance(voice, str) and (voice.endswith(VOICE_SUFFIX) or "/" in voice or os.sep in voice)
+
+
+def unknown_voice_message(voice: str, known: list[str], custom: dict[str, Path] | None = None) -> str:
+    """"unknown voice 'x'; choose one of: …" listing ``known`` voices, the user's custom ones
+    (``user_voice_files()`` unless given) and that a voice file will do."""
+    custom = user_voice_files() if custom is None else custom
+    extra = f"; custom voices in {user_voice_dir()}: {', '.join(custom)}" if custom else ""
+    return f"unknown voice {voice!r}; choose one of: {', '.join(known)}{extra}, or give a voice file (.safetensors)"
