@@ -37,6 +37,20 @@ def model_copy(tiny_mlx: Path, tmp_path: Path, name: str = "model") -> Path:
     return dst
 
 
+def traversal_release(tmp_path: Path, name: str) -> Path:
+    """A release copy whose tekken.json lists ``casual_male`` under the path-like voice ``name``,
+    with that voice's .pt placed where ``voice_embedding/<name>.pt`` would point if followed."""
+    src = release_copy(tmp_path)
+
+    def edit(t):
+        table = t["audio"]["voice_num_audio_tokens"]
+        table[name] = table.pop("casual_male")
+
+    edit_json(src / "tekken.json", edit)
+    (tmp_path / "ESCAPED.pt").write_bytes((src / "voice_embedding" / "casual_male.pt").read_bytes())
+    return src
+
+
 def edit_json(path: Path, edit) -> None:
     """Rewrite the JSON file ``path`` with ``edit(data)`` applied (its return value, if not None, replaces it)."""
     data = json.loads(path.read_text())

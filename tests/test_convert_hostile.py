@@ -28,6 +28,7 @@ from hostile_files import (
     read_safetensors,
     release_copy,
     run_convert,
+    traversal_release,
     write_safetensors,
 )
 
@@ -73,14 +74,7 @@ def test_path_like_voice_names_are_refused(tmp_path, name):
 
 
 def test_traversal_name_through_the_cli_writes_nothing_outside(tmp_path):
-    src = release_copy(tmp_path)
-
-    def edit(t):
-        table = t["audio"]["voice_num_audio_tokens"]
-        table["../../ESCAPED"] = table.pop("casual_male")
-
-    edit_json(src / "tekken.json", edit)
-    (tmp_path / "ESCAPED.pt").write_bytes((src / "voice_embedding" / "casual_male.pt").read_bytes())
+    src = traversal_release(tmp_path, "../../ESCAPED")
     before = listing(tmp_path)
     r = run_convert("--hf-path", str(src), "--mlx-path", str(tmp_path / "out"))
     assert r.returncode == 1, r.stderr

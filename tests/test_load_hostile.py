@@ -15,7 +15,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from hostile_files import edit_json, listing, model_copy, read_safetensors, release_copy, write_safetensors
+from hostile_files import (
+    edit_json,
+    listing,
+    model_copy,
+    read_safetensors,
+    release_copy,
+    traversal_release,
+    write_safetensors,
+)
 
 from mlx_speech import load
 from mlx_speech.convert import convert
@@ -269,14 +277,7 @@ def test_good_folder_still_loads_with_checked_voices(tiny_mlx, tmp_path):
 # ---- S1 through load's direct reading of a release ------------------------------------------------
 
 def test_loading_a_release_refuses_traversal_names_and_writes_nothing(tmp_path):
-    src = release_copy(tmp_path)
-
-    def edit(t):
-        table = t["audio"]["voice_num_audio_tokens"]
-        table["../../../ESCAPED"] = table.pop("casual_male")
-
-    edit_json(src / "tekken.json", edit)
-    (tmp_path / "ESCAPED.pt").write_bytes((src / "voice_embedding" / "casual_male.pt").read_bytes())
+    src = traversal_release(tmp_path, "../../../ESCAPED")
     before = listing(tmp_path)
     _refused(src, r"is not a valid voice name")
     assert listing(tmp_path) == before
