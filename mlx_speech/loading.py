@@ -89,6 +89,16 @@ def weight_headers(path: Path) -> dict[Path, dict[str, dict]]:
     return headers
 
 
+def quantize_as_stored(model, quantization: dict | None, names) -> None:
+    """Quantize the layers of ``model`` that the recipe covers and that are stored quantized
+    (their ``<layer>.scales`` is among the weight ``names``), so a strict load then fits."""
+    if quantization:
+        import mlx.nn as nn
+
+        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                    class_predicate=lambda p, m: model.quant_predicate(p, m) and f"{p}.scales" in names)
+
+
 def build_model(config, headers: dict[Path, dict[str, dict]]):
     """The (unloaded) model the config and the weights' headers describe, quantized as they say.
 
@@ -97,7 +107,6 @@ def build_model(config, headers: dict[Path, dict[str, dict]]):
     the tensors, with no weight data read.
     """
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from .checkpoint import MAX_COUNT_GAP
@@ -111,10 +120,7 @@ def build_model(config, headers: dict[Path, dict[str, dict]]):
         raise file_error(first, f"holds {plain} weight tensors but {CONFIG_FILE} implies {count}; "
                                 "the weights and config.json are not the same model")
     model = Model(config)
-    if config.quantization:
-        q = config.quantization
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
-                    class_predicate=lambda p, m: model.quant_predicate(p, m) and f"{p}.scales" in entries)
+    quantize_as_stored(model, config.quantization, entries)
     params = dict(tree_flatten(model.parameters()))
     misshaped, bad_dtype = [], []
     for name in sorted(set(params) & set(entries)):
@@ -259,7 +265,6 @@ def _load_mlx_folder(path: Path, lazy: bool):
 
 def _load_pack(path: Path):
     """A mlx-community pack mapped onto our model (``mlx_audio_pack``), checked like our folders."""
-    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from .finite import refuse_non_finite
@@ -269,10 +274,7 @@ def _load_pack(path: Path):
     tokenizer = read_tokenizer(path / TOKENIZER_FILE)
     pack = read_mlx_audio_pack(path, voice_rows=tokenizer.voice_num_audio_tokens)
     model = Model(pack.config)
-    if pack.quantization:
-        q = pack.quantization
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
-                    class_predicate=lambda p, m: model.quant_predicate(p, m) and f"{p}.scales" in pack.weights)
+    quantize_as_stored(model, pack.quantization, pack.weights)
     model.load_weights(list(pack.weights.items()), strict=True)
     refuse_non_finite(dict(tree_flatten(model.parameters())), path)
     model.eval()
